@@ -1,0 +1,159 @@
+"""Crash-safe result files: a resumable JSONL log of per-item results and atomic JSON writes.
+
+Only rank 0 writes. Each appended batch is flushed and fsync'ed, so a killed run
+loses at most the line being written; reopening drops that partial line and
+resumes after the last complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Set, Tuple, Union
+
+PathLike = Union[str, os.PathLike]
+ResultKey = Union[int, str]
+
+
+class DuplicateKeyError(ValueError):
+    """A result for this key was already recorded."""
+
+
+class ResultsWriter:
+    """Append-only JSONL file of records, one per key (e.g. `question_id`, NLVR2 `identifier`).
+
+    `done_keys` holds the keys already on disk (treat it as read-only); a caller
+    resuming a run skips those items.
+    """
+
+    def __init__(self, path: PathLike, key: str = "question_id") -> None:
+        self.path = Path(path)
+        self.key = key
+        self.done_keys: Set[ResultKey] = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        if not created:
+            records, complete_bytes = _scan(self.path)
+            if self.path.stat().st_size > complete_bytes:
+                # A crash cut the last line short: drop it so appends start on a line boundary.
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(complete_bytes)
+                    os.fsync(fh.fileno())
+            for lineno, record in enumerate(records, 1):
+                self._claim(self._key_of(record, f"{self.path}:{lineno}"))
+        self._fh = open(self.path, "ab")
+        if created:
+            _fsync_dir(self.path.parent)
+
+    def append(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Write records durably; refuses (writing none of them) if any key is already recorded."""
+        records = list(records)
+        keys = [self._key_of(r, "record") for r in records]
+        seen: Set[ResultKey] = set()
+        for k in keys:
+            if k in self.done_keys or k in seen:
+                raise DuplicateKeyError(f"{self.key}={k!r} is already recorded in {self.path}")
+            seen.add(k)
+        if not records:
+            return
+        data = "".join(_dumps(r) + "\n" for r in records).encode("utf-8")
+        self._fh.write(data)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.done_keys.update(keys)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "ResultsWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _key_of(self, record: Mapping[str, Any], where: str) -> ResultKey:
+        if not isinstance(record, Mapping):
+            raise TypeError(f"{where}: a result must be a mapping, got {type(record).__name__}")
+        if self.key not in record:
+            raise KeyError(f"{where}: result has no {self.key!r} field")
+        return _plain_key(record[self.key], where)
+
+    def _claim(self, key: ResultKey) -> None:
+        if key in self.done_keys:
+            raise DuplicateKeyError(f"{self.key}={key!r} appears twice in {self.path}")
+        self.done_keys.add(key)
+
+
+def read_results(path: PathLike) -> List[Dict[str, Any]]:
+    """All complete records of a results file (a partial last line is ignored, not removed)."""
+    return _scan(Path(path))[0]
+
+
+def write_json_atomic(path: PathLike, obj: Any, indent: Union[int, None] = None) -> None:
+    """Write JSON via a temporary file and os.replace, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=indent, ensure_ascii=False, default=_to_builtin)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _scan(path: Path) -> Tuple[List[Dict[str, Any]], int]:
+    """Parse the complete lines of a JSONL file; return them and their length in bytes."""
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    records = []
+    for lineno, line in enumerate(complete.split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            # A complete line cannot come from an interrupted append: the file is damaged.
+            raise ValueError(f"{path}:{lineno}: not a JSON record ({err})") from None
+    return records, len(complete)
+
+
+def _dumps(record: Mapping[str, Any]) -> str:
+    # json escapes newlines inside strings, so one record is always one line.
+    return json.dumps(record, ensure_ascii=False, default=_to_builtin)
+
+
+def _to_builtin(value: Any) -> Any:
+    # numpy scalars/arrays and tensors reach us from the model outputs.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _plain_key(value: Any, where: str) -> ResultKey:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{where}: key must be an int or a str, got {value!r}")
+    return value
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new directory entry durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
