@@ -1,0 +1,86 @@
+"""python -m engine.data {vqav2,coco,f30k,nlvr2} --root RAW --out ARROW"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from .karpathy import write_karpathy
+from .nlvr2 import write_nlvr2
+from .raw import DataError
+from .vqav2 import write_vqav2
+
+_root = click.option(
+    "--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The raw download (the layout the published writer reads).",
+)
+_out = click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the arrow files (created if needed).",
+)
+
+
+def _run(writer: Callable[[Path, Path], dict], root: Path, out: Path) -> None:
+    try:
+        counts = writer(root, out)
+    except DataError as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:  # inputs are read through DataError, so this is the output side
+        raise click.ClickException(f"cannot write to {out}: {err}") from None
+    for name, rows in counts.items():
+        click.echo(f"wrote {out / name} ({rows} rows)")
+
+
+@click.group()
+def main() -> None:
+    """Write the arrow files the published VLMo code reads, from the raw downloads."""
+
+
+@main.command()
+@_root
+@_out
+def vqav2(root: Path, out: Path) -> None:
+    """VQAv2 from the official download.
+
+    Writes vqav2_{train,val,trainable_val,rest_val,test,test-dev}.arrow and answer2label.txt.
+    """
+    _run(write_vqav2, root, out)
+
+
+@main.command()
+@_root
+@_out
+def coco(root: Path, out: Path) -> None:
+    """COCO captions, Karpathy splits.
+
+    Writes coco_caption_karpathy_{train,val,restval,test}.arrow.
+    """
+    _run(partial(write_karpathy, "coco"), root, out)
+
+
+@main.command()
+@_root
+@_out
+def f30k(root: Path, out: Path) -> None:
+    """Flickr30k captions, Karpathy splits.
+
+    Writes f30k_caption_karpathy_{train,val,test}.arrow.
+    """
+    _run(partial(write_karpathy, "f30k"), root, out)
+
+
+@main.command()
+@_root
+@_out
+def nlvr2(root: Path, out: Path) -> None:
+    """NLVR2 image pairs and sentences.
+
+    Writes nlvr2_{train,dev,test1}.arrow, and the balanced/unbalanced subsets when present.
+    """
+    _run(write_nlvr2, root, out)
+
+
+if __name__ == "__main__":
+    main()

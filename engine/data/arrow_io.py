@@ -1,0 +1,125 @@
+"""Arrow IPC files: all-or-nothing writing of a writer's outputs, and memory-mapped reading."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from .raw import DataError
+
+# File name of each dataset's split, shared by the writers and the readers.
+_SPLIT_FILES = {
+    "vqav2": "vqav2_{}.arrow",
+    "coco": "coco_caption_karpathy_{}.arrow",
+    "f30k": "f30k_caption_karpathy_{}.arrow",
+    "nlvr2": "nlvr2_{}.arrow",
+}
+
+# Rows buffered before a record batch is written: bounds memory to a few
+# hundred MB of images while keeping the batch count small.
+BATCH_ROWS = 1000
+
+
+class ArrowSink:
+    """Rows appended here land in one Arrow IPC file (RecordBatchFileWriter)."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.schema = schema
+        self._pending: list = []
+        self._writer = pa.ipc.new_file(str(path), schema)
+
+    def append(self, row: dict) -> None:
+        self._pending.append(row)
+        if len(self._pending) >= BATCH_ROWS:
+            self._flush()
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+    def _flush(self) -> None:
+        if self._pending:
+            batch = pa.RecordBatch.from_pylist(self._pending, schema=self.schema)
+            self._writer.write_batch(batch)
+            self._pending = []
+
+
+class StagedOutputs:
+    """Output files written under temporary names, renamed into place only by `commit`."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._staged: dict = {}  # final name -> temporary path
+        self._sinks: list = []
+
+    def arrow(self, name: str, schema: pa.Schema) -> ArrowSink:
+        sink = ArrowSink(self._stage(name), schema)
+        self._sinks.append(sink)
+        return sink
+
+    def text(self, name: str, content: str) -> None:
+        self._stage(name).write_text(content, encoding="utf-8")
+
+    def commit(self) -> None:
+        for sink in self._sinks:
+            sink.close()
+        for name, tmp in self._staged.items():
+            os.replace(tmp, self.out_dir / name)
+        self._staged.clear()
+
+    def discard(self) -> None:
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except (OSError, pa.ArrowException):
+                pass  # the file is deleted next anyway
+        for tmp in self._staged.values():
+            tmp.unlink(missing_ok=True)
+        self._staged.clear()
+
+    def _stage(self, name: str) -> Path:
+        # A hidden name without the final suffix, so a partial file never
+        # looks like a finished one.
+        tmp = self.out_dir / f".{name}.partial"
+        self._staged[name] = tmp
+        return tmp
+
+
+@contextmanager
+def staged_outputs(out_dir: Path) -> Iterator[StagedOutputs]:
+    """All outputs of the block appear together at its end, or none on error."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = StagedOutputs(out_dir)
+    try:
+        yield outputs
+        outputs.commit()
+    except BaseException:
+        outputs.discard()
+        raise
+
+
+def split_filename(dataset: str, split: str) -> str:
+    """The arrow file name of `split` of `dataset` ("vqav2", "coco", "f30k" or "nlvr2")."""
+    if dataset not in _SPLIT_FILES:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(_SPLIT_FILES)}")
+    return _SPLIT_FILES[dataset].format(split)
+
+
+def read_split(arrow_dir: Path, dataset: str, split: str) -> pa.Table:
+    """Memory-map the arrow file of one split."""
+    return read_table(Path(arrow_dir) / split_filename(dataset, split))
+
+
+def read_table(path: Path) -> pa.Table:
+    """Memory-map an Arrow IPC file; column data is read from the page cache on access."""
+    if not path.is_file():
+        present = sorted(p.name for p in path.parent.glob("*.arrow")) if path.parent.is_dir() else []
+        hint = f"; present: {', '.join(present)}" if present else ""
+        raise DataError(f"missing arrow file {path}{hint}")
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"not a readable arrow file {path}: {err}") from None

@@ -1,0 +1,198 @@
+"""Torch datasets over the arrow files, for DataLoaders with worker processes.
+
+Each dataset memory-maps its arrow file and decodes one image per item, so
+workers share the page cache instead of copying the file. An image that does
+not decode is never replaced by another sample: the item keeps its place with
+a zero image, ``image_ok`` False and the reason in ``image_error``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import Dataset
+
+from .arrow_io import read_split
+from .image import ImageDecodeError, load_image
+from .text import TextTokenizer
+
+PathLike = Union[str, Path]
+
+
+class _LazyTable:
+    """A memory-mapped arrow split that pickles as its location only.
+
+    Forked workers share the parent's mapping; a pickled copy (spawned
+    workers) maps the file again on first use instead of carrying its data.
+    """
+
+    def __init__(self, arrow_dir: PathLike, dataset: str, split: str) -> None:
+        self._where = (Path(arrow_dir), dataset, split)
+        # Opened now so a missing file fails in the parent process.
+        self._table: Optional[pa.Table] = read_split(*self._where)
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:
+            self._table = read_split(*self._where)
+        return self._table
+
+    def value(self, column: str, row: int):
+        return self.table.column(column)[row].as_py()
+
+    def __getstate__(self) -> dict:
+        return {"_where": self._where, "_table": None}
+
+
+def _flatten(table: pa.Table, column: str) -> tuple:
+    """(row, position) of every element of a list column, rows in order."""
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    lengths = pc.list_value_length(table.column(column)).fill_null(0).to_numpy().astype(np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    return rows, np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+
+
+def _image(data: bytes, size: int) -> tuple:
+    """(image tensor, None), or (zero placeholder, reason) when the bytes do not decode."""
+    try:
+        return load_image(data, size), None
+    except ImageDecodeError as err:
+        return torch.zeros(3, size, size), str(err)
+
+
+def _tokens(tokenizer: TextTokenizer, text: str) -> dict:
+    encoded = tokenizer([text])
+    return {"text_ids": encoded["text_ids"][0], "text_masks": encoded["text_masks"][0]}
+
+
+class VQADataset(Dataset):
+    """One item per question of vqav2_{split}.arrow, rows then questions in file order."""
+
+    def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int) -> None:
+        self._arrow = _LazyTable(arrow_dir, "vqav2", split)
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self._rows, self._positions = _flatten(self._arrow.table, "question_id")
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row, j = int(self._rows[index]), int(self._positions[index])
+        value = self._arrow.value
+        question = value("questions", row)[j]
+        image, error = _image(value("image", row), self.image_size)
+        # Test rows carry one empty list per column instead of one list per question.
+        answers, labels, scores = (value(c, row) for c in ("answers", "answer_labels", "answer_scores"))
+        return {
+            "question_id": value("question_id", row)[j],
+            "image_id": value("image_id", row),
+            "text": question,
+            **_tokens(self.tokenizer, question),
+            "image": image,
+            "image_ok": error is None,
+            "image_error": error,
+            "answers": answers[j] if answers else [],
+            "answer_labels": labels[j] if labels else [],
+            "answer_scores": scores[j] if scores else [],
+        }
+
+
+class KarpathyImageDataset(Dataset):
+    """One item per image row of a COCO / Flickr30k Karpathy split (`dataset` "coco" or "f30k")."""
+
+    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, image_size: int) -> None:
+        self._arrow = _LazyTable(arrow_dir, dataset, split)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return self._arrow.table.num_rows
+
+    def __getitem__(self, index: int) -> dict:
+        image, error = _image(self._arrow.value("image", index), self.image_size)
+        return {
+            "image_index": index,
+            "image_id": self._arrow.value("image_id", index),
+            "image": image,
+            "image_ok": error is None,
+            "image_error": error,
+        }
+
+
+class KarpathyTextDataset(Dataset):
+    """One item per caption of a Karpathy split, with the row index of its image."""
+
+    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, tokenizer: TextTokenizer) -> None:
+        table = read_split(arrow_dir, dataset, split)
+        self.tokenizer = tokenizer
+        self.image_index, _ = _flatten(table, "caption")
+        # Captions are small next to the images: keep them, drop the table.
+        self.captions = [c for row in table.column("caption").to_pylist() for c in row] if table.num_rows else []
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        caption = self.captions[index]
+        return {
+            "caption_index": index,
+            "image_index": int(self.image_index[index]),
+            "text": caption,
+            **_tokens(self.tokenizer, caption),
+        }
+
+
+class NLVR2Dataset(Dataset):
+    """One item per sentence of nlvr2_{split}.arrow; `label` is True when the sentence holds."""
+
+    def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int) -> None:
+        self._arrow = _LazyTable(arrow_dir, "nlvr2", split)
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self._rows, self._positions = _flatten(self._arrow.table, "questions")
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row, j = int(self._rows[index]), int(self._positions[index])
+        value = self._arrow.value
+        text = value("questions", row)[j]
+        image_0, error_0 = _image(value("image_0", row), self.image_size)
+        image_1, error_1 = _image(value("image_1", row), self.image_size)
+        errors = [f"image_{i}: {e}" for i, e in enumerate((error_0, error_1)) if e is not None]
+        return {
+            "identifier": value("identifier", row),
+            "question_index": j,
+            "text": text,
+            **_tokens(self.tokenizer, text),
+            "image_0": image_0,
+            "image_1": image_1,
+            "image_ok": not errors,
+            "image_error": "; ".join(errors) or None,
+            "label": value("answers", row)[j] == "True",
+        }
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Stack tensors, turn booleans (``image_ok``, ``label``) into bool tensors, keep the rest as lists.
+
+    Every item keeps its place, decodable or not; use ``image_ok`` to leave out
+    (and ``image_error`` to report) the samples whose image failed to decode.
+    """
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            batch[key] = torch.stack(values)
+        elif all(isinstance(v, bool) for v in values):
+            batch[key] = torch.tensor(values, dtype=torch.bool)
+        else:
+            batch[key] = values
+    return batch

@@ -1,0 +1,44 @@
+"""bert-base-uncased WordPiece tokenisation as the published pipeline does it.
+
+The published code calls HuggingFace ``BertTokenizer`` (lower-cased) with
+``padding="max_length", truncation=True, max_length=40``: ``[CLS] ... [SEP]``,
+cut to 40 tokens, then padded with [PAD] (id 0) and mask 0.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from tokenizers import BertWordPieceTokenizer
+
+from .raw import DataError
+
+DEFAULT_VOCAB = Path(__file__).resolve().parent / "vocab" / "bert-base-uncased-vocab.txt"
+MAX_TEXT_LEN = 40
+
+
+class TextTokenizer:
+    """Texts to ``text_ids`` and ``text_masks`` (int64, [B, max_len])."""
+
+    def __init__(self, vocab: Optional[Union[str, Path]] = None, max_len: int = MAX_TEXT_LEN) -> None:
+        path = Path(vocab) if vocab is not None else DEFAULT_VOCAB
+        if not path.is_file():
+            raise DataError(f"missing vocabulary file {path}")
+        if max_len < 2:
+            raise ValueError(f"max_len must leave room for [CLS] and [SEP], got {max_len}")
+        self.vocab = path
+        self.max_len = max_len
+        self._tokenizer = BertWordPieceTokenizer(str(path), lowercase=True)
+        self._tokenizer.enable_truncation(max_length=max_len)
+        self._tokenizer.enable_padding(length=max_len, pad_id=self._tokenizer.token_to_id("[PAD]"))
+
+    def __call__(self, texts: Sequence[str]) -> dict:
+        encodings = self._tokenizer.encode_batch(list(texts))
+        ids = [e.ids for e in encodings]
+        masks = [e.attention_mask for e in encodings]
+        # reshape keeps [0, max_len] for an empty batch
+        return {
+            "text_ids": torch.tensor(ids, dtype=torch.int64).reshape(-1, self.max_len),
+            "text_masks": torch.tensor(masks, dtype=torch.int64).reshape(-1, self.max_len),
+        }
