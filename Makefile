@@ -1,0 +1,35 @@
+# Every target runs inside .venv; `make install` creates it (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+# Extra `python -m venv` flags: --system-site-packages reuses a torch/torch_npu you installed yourself.
+VENV_ARGS ?=
+# Installed only when the venv has no torch yet (this is the CPU build on the dev machines).
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+CKPT ?=
+TP ?= 2
+OUT ?= shards
+
+.PHONY: install test shard verify clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+shard: install
+	@test -n "$(CKPT)" || { echo "usage: make shard CKPT=path.pt TP=2 OUT=shards/" >&2; exit 2; }
+	$(PY) -m sharding --checkpoint "$(CKPT)" --tp $(TP) --out "$(OUT)" $(SHARD_ARGS)
+
+verify: install
+	$(PY) -m sharding.verify "$(OUT)"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

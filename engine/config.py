@@ -1,0 +1,85 @@
+"""The VLMo model configuration: one dataclass, carried in the shard manifest."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+PATCH_SIZE = 16
+# Text length of the checkpoint VLMo's relative-position table was first built for.
+INIT_TEXT_LEN = 196
+
+
+@dataclass(frozen=True)
+class VLMoConfig:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    vlffn_start_layer_index: int
+    image_size: int
+    relative_position_bias: bool
+    abs_pos_embed: bool
+    layer_scale: bool
+    max_text_len: int = 40
+    vocab_size: int = 30522
+    mlp_ratio: int = 4
+    patch_size: int = PATCH_SIZE
+    max_text_len_of_initckpt: int = INIT_TEXT_LEN
+    num_token_types: int = 2
+    vqa_labels: Optional[int] = None
+    nlvr2: bool = False
+    retrieval: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.embed_dim * self.mlp_ratio
+
+    @property
+    def grid(self) -> int:
+        """W: patches per image side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """n = W² + 1 (the CLS token)."""
+        return self.grid ** 2 + 1
+
+    @property
+    def num_image_distances(self) -> int:
+        """Nr: relative distances between patches, plus 3 for the CLS cases."""
+        return (2 * self.grid - 1) ** 2 + 3
+
+    @property
+    def rel_table_rows(self) -> int:
+        """R = Nr + 2·T0 + 2."""
+        return self.num_image_distances + 2 * self.max_text_len_of_initckpt + 2
+
+    def has_vl_expert(self, layer: int) -> bool:
+        return layer >= self.vlffn_start_layer_index
+
+    @property
+    def tasks(self) -> tuple:
+        """Task heads present in the checkpoint, in a fixed order."""
+        found = []
+        if self.vqa_labels:
+            found.append("vqa")
+        if self.nlvr2:
+            found.append("nlvr2")
+        if self.retrieval:
+            found.append("irtr")
+        return tuple(found)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "VLMoConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
+        return cls(**data)

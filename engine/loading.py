@@ -1,0 +1,29 @@
+"""Build this rank's model from its own shard file."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from sharding.shards import Manifest, load_rank_shard, read_manifest
+
+from .distributed import ParallelContext
+from .model import VLMo
+
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_dtype(device: torch.device) -> str:
+    """fp16 on accelerators, fp32 on the CPU (DESIGN.md §9)."""
+    return "fp32" if device.type == "cpu" else "fp16"
+
+
+def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Manifest = None) -> VLMo:
+    """This rank's VLMo, weights checked against the manifest, in `dtype` on ctx.device, ready for inference."""
+    manifest = manifest or read_manifest(shard_dir)
+    tensors = load_rank_shard(shard_dir, ctx.tp_rank, ctx.tp_size, manifest)
+    with torch.device("meta"):
+        model = VLMo(manifest.config, ctx.tp_size, ctx.tp_group)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.to(device=ctx.device, dtype=DTYPES[dtype]).eval()

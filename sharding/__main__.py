@@ -1,0 +1,54 @@
+"""`python -m sharding --checkpoint C --tp N --out DIR`: cut a published checkpoint into tensor-parallel shards."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .checkpoint import read_checkpoint
+from .errors import ShardingError
+from .infer import ConfigError, infer_config, select_weights
+from .plan import check_degree, plan_table
+from .shards import write_shards
+
+
+def _plan_help() -> str:
+    return "\n".join(f"  {pattern:<60} {rule:<12} {why}" for pattern, rule, why in plan_table())
+
+
+@click.command(epilog="Sharding plan (first match wins):\n\n\b\n" + _plan_help())
+@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Published VLMo checkpoint (.pt / .ckpt). Read without executing any pickle code.")
+@click.option("--tp", required=True, type=int, help="Tensor-parallel degree: number of shards to cut.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--num-heads", type=int, help="Attention heads, when the checkpoint cannot tell (no relative table).")
+@click.option("--image-size", type=int, help="Input image size, when the checkpoint cannot tell.")
+@click.option("--max-text-len", type=int, help="Text length, when the checkpoint cannot tell.")
+@click.option("--vl-start-layer", type=int, help="First layer with a vision-language expert.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+def main(checkpoint: Path, tp: int, out_dir: Path, num_heads: Optional[int], image_size: Optional[int],
+         max_text_len: Optional[int], vl_start_layer: Optional[int], overwrite: bool) -> None:
+    """Cut CHECKPOINT into TP safetensors shards plus manifest.json under OUT."""
+    try:
+        ckpt = read_checkpoint(checkpoint)
+        try:
+            cfg = infer_config(ckpt.state_dict, ckpt.hyper_parameters, {
+                "num_heads": num_heads, "image_size": image_size,
+                "max_text_len": max_text_len, "vlffn_start_layer_index": vl_start_layer})
+            check_degree(cfg, tp)
+            weights, unknown = select_weights(ckpt.state_dict, cfg)
+        except (ConfigError, ValueError) as exc:
+            raise ShardingError(checkpoint, str(exc)) from None
+        if unknown:
+            click.echo(f"ignoring {len(unknown)} tensors the engine does not use: {', '.join(unknown)}", err=True)
+        manifest = write_shards(weights, cfg, tp, out_dir,
+                                source={"file": checkpoint.name, "sha256": ckpt.sha256}, overwrite=overwrite)
+    except ShardingError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {manifest.tp} shards of a {cfg.depth}-layer, {cfg.embed_dim}-wide, {cfg.num_heads}-head "
+               f"VLMo ({', '.join(cfg.tasks) or 'backbone only'}; image {cfg.image_size}) to {out_dir}")
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m sharding")

@@ -1,0 +1,42 @@
+"""Run the project's command-line tools as a user would: in a subprocess, through torchrun where parallel."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from _paths import REPO
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_module(module: str, args: Sequence[object], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m module args` in the repository root."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(nproc: int, module: str, args: Sequence[object], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node nproc -m module args` on this machine (gloo on the CPU)."""
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
+    return subprocess.run([sys.executable, *launcher, "-m", module, *map(str, args)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shard(checkpoint: Path, tp: int, out: Path, *extra: object) -> subprocess.CompletedProcess:
+    return run_module("sharding", ["--checkpoint", checkpoint, "--tp", tp, "--out", out, *extra])

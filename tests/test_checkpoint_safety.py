@@ -1,0 +1,124 @@
+"""Checkpoints are untrusted input: nothing in a pickle runs, and bad files get one clear line."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from _paths import GOLDEN
+from _run import shard
+from sharding.checkpoint import read_checkpoint
+from sharding.errors import ShardingError
+
+LIGHTNING_CASE = GOLDEN / "tiny_relpos_vqa" / "checkpoint.pt"
+needs_golden = pytest.mark.skipif(not LIGHTNING_CASE.is_file(), reason="golden checkpoint not present")
+
+
+def _assert_refused(result, out: Path, *words: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # one line, no traceback
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not (out / "manifest.json").exists()
+    assert not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())  # no staging left behind
+
+
+@needs_golden
+def test_lightning_checkpoint_reads_without_lightning() -> None:
+    assert importlib.util.find_spec("pytorch_lightning") is None
+    with zipfile.ZipFile(LIGHTNING_CASE) as archive:
+        assert b"AttributeDict" in archive.read("checkpoint/data.pkl")
+    ckpt = read_checkpoint(LIGHTNING_CASE)
+    assert type(ckpt.hyper_parameters) is dict
+    assert ckpt.hyper_parameters["image_size"] == 64
+    assert ckpt.state_dict["transformer.cls_token"].shape == (1, 1, 64)
+
+
+class _RunsCode:
+    """Pickles as a call to os.system: loading it with plain pickle would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused_without_running(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": _RunsCode(marker)}, evil)
+    with pytest.raises(ShardingError, match="system"):
+        read_checkpoint(evil)
+    out = tmp_path / "shards"
+    _assert_refused(shard(evil, 1, out), out, str(evil), "refusing")
+    assert not marker.exists()
+
+
+def test_refusal_does_not_depend_on_the_opcode_prescan(tmp_path: Path, monkeypatch) -> None:
+    # Even if the opcode scan missed a global, the allow-list unpickler refuses it.
+    import sharding.checkpoint as checkpoint
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": _RunsCode(marker)}, evil)
+    monkeypatch.setattr(checkpoint, "_referenced_globals", lambda path: set())
+    with pytest.raises(ShardingError, match="refusing"):
+        read_checkpoint(evil)
+    assert not marker.exists()
+
+
+@needs_golden
+def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
+    data = LIGHTNING_CASE.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "shards"
+    _assert_refused(shard(truncated, 2, out), out, str(truncated))
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a checkpoint\n", pickle.dumps([1, 2, 3])])
+def test_non_checkpoint_files_are_refused(tmp_path: Path, content: bytes) -> None:
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(content)
+    out = tmp_path / "shards"
+    _assert_refused(shard(bogus, 1, out), out, str(bogus))
+
+
+def test_missing_checkpoint_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    _assert_refused(shard(tmp_path / "nope.pt", 1, out), out, "nope.pt", "no such")
+
+
+@needs_golden
+def test_missing_weights_are_named(tmp_path: Path) -> None:
+    ckpt = read_checkpoint(LIGHTNING_CASE)
+    weights = dict(ckpt.state_dict)
+    del weights["transformer.blocks.1.attn.proj.weight"]
+    partial = tmp_path / "partial.pt"
+    torch.save({"state_dict": weights}, partial)
+    out = tmp_path / "shards"
+    _assert_refused(shard(partial, 1, out), out, "transformer.blocks.1.attn.proj.weight", "missing")
+
+
+@needs_golden
+@pytest.mark.parametrize("container", ["module", "model", None])
+def test_other_published_containers(tmp_path: Path, container) -> None:
+    weights = read_checkpoint(LIGHTNING_CASE).state_dict
+    path = tmp_path / "other.pt"
+    if container == "module":  # DeepSpeed prefixes every key
+        torch.save({"module": {f"module.{k}": v for k, v in weights.items()}}, path)
+    elif container:
+        torch.save({container: weights}, path)
+    else:
+        torch.save(dict(weights), path)
+    loaded = read_checkpoint(path).state_dict
+    assert set(loaded) == set(weights)
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)

@@ -1,0 +1,138 @@
+"""The sharding plan, shard files and manifest: round trip, verification and refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _paths import GOLDEN
+from _run import run_module, run_torchrun, shard
+from sharding.checkpoint import read_checkpoint
+from sharding.errors import ShardingError
+from sharding.infer import infer_config, select_weights
+from sharding.plan import shard_tensor
+from sharding.shards import load_rank_shard, merge_shards, read_manifest
+
+CASE = GOLDEN / "tiny_relpos_vqa"
+needs_golden = pytest.mark.skipif(not (CASE / "checkpoint.pt").is_file(), reason="golden checkpoint not present")
+
+
+@pytest.fixture(scope="module")
+def source():
+    ckpt = read_checkpoint(CASE / "checkpoint.pt")
+    cfg = infer_config(ckpt.state_dict, ckpt.hyper_parameters)
+    weights, _ = select_weights(ckpt.state_dict, cfg)
+    return cfg, weights
+
+
+@needs_golden
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_shard_then_merge_is_bit_exact(source, tp: int, tmp_path: Path) -> None:
+    cfg, weights = source
+    assert shard(CASE / "checkpoint.pt", tp, tmp_path / "s").returncode == 0
+    merged = merge_shards(tmp_path / "s")
+    assert set(merged) == set(weights)
+    for name, tensor in weights.items():
+        assert merged[name].dtype == tensor.dtype and torch.equal(merged[name], tensor), name
+
+
+@needs_golden
+def test_each_rank_holds_its_own_heads(source, tmp_path: Path) -> None:
+    # Independent expectation: rank r's q rows are heads r*h..(r+1)*h of the q block, likewise k and v.
+    cfg, weights = source
+    tp, D, d = 2, cfg.embed_dim, cfg.head_dim
+    h = cfg.num_heads // tp
+    qkv = weights["transformer.blocks.0.attn.qkv.weight"]
+    for rank in range(tp):
+        rows = [qkv[part * D + rank * h * d: part * D + (rank + 1) * h * d] for part in range(3)]
+        got = shard_tensor("transformer.blocks.0.attn.qkv.weight", qkv, cfg, tp, rank)
+        assert torch.equal(got, torch.cat(rows))
+        table = weights["relative_position_bias_table"]
+        cols = [layer * cfg.num_heads + rank * h + j for layer in range(cfg.depth) for j in range(h)]
+        assert torch.equal(shard_tensor("relative_position_bias_table", table, cfg, tp, rank), table[:, cols])
+
+
+@needs_golden
+def test_manifest_describes_the_shards(source, tmp_path: Path) -> None:
+    cfg, _ = source
+    assert shard(CASE / "checkpoint.pt", 2, tmp_path / "s").returncode == 0
+    data = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert data["tp"] == 2 and data["format_version"] == 1
+    assert data["config"]["num_heads"] == cfg.num_heads
+    assert data["source"]["sha256"] == read_checkpoint(CASE / "checkpoint.pt").sha256
+    assert [f["file"] for f in data["files"]] == ["rank-00-of-02.safetensors", "rank-01-of-02.safetensors"]
+    assert data["files"][1]["tensors"]["transformer.blocks.0.mlp_text.fc1.weight"]["shape"] == [cfg.ffn_dim // 2,
+                                                                                              cfg.embed_dim]
+    ok = run_module("sharding.verify", [tmp_path / "s"])
+    assert ok.returncode == 0, ok.stderr
+
+
+@needs_golden
+def test_tp_that_does_not_divide_heads_is_refused(tmp_path: Path) -> None:
+    result = shard(CASE / "checkpoint.pt", 3, tmp_path / "s")
+    assert result.returncode != 0
+    assert "tp=3 does not divide" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+@needs_golden
+def test_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    assert shard(CASE / "checkpoint.pt", 1, out).returncode == 0
+    again = shard(CASE / "checkpoint.pt", 2, out)
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert read_manifest(out).tp == 1
+    assert shard(CASE / "checkpoint.pt", 2, out, "--overwrite").returncode == 0
+    assert read_manifest(out).tp == 2 and sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "rank-00-of-02.safetensors", "rank-01-of-02.safetensors"]
+
+
+@pytest.fixture()
+def tampered(tmp_path: Path) -> Path:
+    out = tmp_path / "s"
+    assert shard(CASE / "checkpoint.pt", 2, out).returncode == 0
+    victim = out / "rank-01-of-02.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF  # one flipped bit in a weight
+    victim.write_bytes(bytes(data))
+    return out
+
+
+@needs_golden
+def test_tampered_shard_is_refused_by_verify(tampered: Path) -> None:
+    result = run_module("sharding.verify", [tampered])
+    assert result.returncode != 0
+    assert "rank-01-of-02.safetensors" in result.stderr and "sha256" in result.stderr
+
+
+@needs_golden
+def test_tampered_shard_is_refused_by_the_engine(tampered: Path, tmp_path: Path) -> None:
+    result = run_torchrun(2, "engine.forward", ["--shards", tampered, "--inputs", CASE / "inputs.safetensors",
+                                                "--out", tmp_path / "o.safetensors", "--device", "cpu"])
+    assert result.returncode != 0
+    assert "rank-01-of-02.safetensors: sha256 does not match" in result.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@needs_golden
+def test_only_the_own_shard_is_read(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    assert shard(CASE / "checkpoint.pt", 2, out).returncode == 0
+    (out / "rank-01-of-02.safetensors").unlink()  # rank 0 must not need it
+    tensors = load_rank_shard(out, 0, 2)
+    assert tensors["transformer.blocks.0.attn.q_bias"].shape == (32,)
+
+
+@needs_golden
+def test_group_size_must_match_the_manifest(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    assert shard(CASE / "checkpoint.pt", 2, out).returncode == 0
+    with pytest.raises(ShardingError, match="cut for tp=2 but the tensor-parallel group has 4"):
+        load_rank_shard(out, 0, 4)
+    # a launch whose world is not a multiple of the shards' tp
+    result = run_torchrun(3, "engine.forward", ["--shards", out, "--inputs", CASE / "inputs.safetensors",
+                                                "--out", tmp_path / "o.safetensors", "--device", "cpu"])
+    assert result.returncode != 0
+    assert "cut for tp=2 but 3 processes were launched" in result.stderr
