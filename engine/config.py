@@ -6,8 +6,25 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 PATCH_SIZE = 16
+MLP_RATIO = 4
 # Text length of the checkpoint VLMo's relative-position table was first built for.
 INIT_TEXT_LEN = 196
+
+# The published architectures (timm registrations in the published multiway_transformer.py).
+ARCH_PRESETS: Dict[str, Dict[str, Any]] = {
+    "vlmo_base_patch16": dict(
+        embed_dim=768, depth=12, num_heads=12, vlffn_start_layer_index=10,
+        relative_position_bias=True, abs_pos_embed=False, layer_scale=True,
+    ),
+    "vlmo_base_plus_patch16": dict(
+        embed_dim=544, depth=24, num_heads=16, vlffn_start_layer_index=21,
+        relative_position_bias=False, abs_pos_embed=True, layer_scale=False,
+    ),
+    "vlmo_large_patch16": dict(
+        embed_dim=1024, depth=24, num_heads=16, vlffn_start_layer_index=21,
+        relative_position_bias=True, abs_pos_embed=False, layer_scale=True,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -22,7 +39,7 @@ class VLMoConfig:
     layer_scale: bool
     max_text_len: int = 40
     vocab_size: int = 30522
-    mlp_ratio: int = 4
+    mlp_ratio: int = MLP_RATIO
     patch_size: int = PATCH_SIZE
     max_text_len_of_initckpt: int = INIT_TEXT_LEN
     num_token_types: int = 2

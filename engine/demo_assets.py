@@ -22,28 +22,10 @@ from typing import Any, Dict, List, Tuple, Union
 import torch
 from PIL import Image, ImageDraw
 
+from .config import ARCH_PRESETS, INIT_TEXT_LEN, MLP_RATIO, PATCH_SIZE
+
 PathLike = Union[str, os.PathLike]
 
-PATCH_SIZE = 16
-MLP_RATIO = 4
-# Text length of the checkpoint the published relative-position table was first sized for.
-INIT_TEXT_LEN = 196
-
-# The published timm registrations in multiway_transformer.py.
-ARCH_PRESETS: Dict[str, Dict[str, Any]] = {
-    "vlmo_base_patch16": dict(
-        embed_dim=768, depth=12, num_heads=12, vlffn_start_layer_index=10,
-        relative_position_bias=True, abs_pos_embed=False, layer_scale=True,
-    ),
-    "vlmo_base_plus_patch16": dict(
-        embed_dim=544, depth=24, num_heads=16, vlffn_start_layer_index=21,
-        relative_position_bias=False, abs_pos_embed=True, layer_scale=False,
-    ),
-    "vlmo_large_patch16": dict(
-        embed_dim=1024, depth=24, num_heads=16, vlffn_start_layer_index=21,
-        relative_position_bias=True, abs_pos_embed=False, layer_scale=True,
-    ),
-}
 TASKS = ("vqa", "nlvr2", "irtr")
 
 # Initial values: (mean, std). Small spread keeps a forward pass numerically sane.

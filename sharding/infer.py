@@ -13,16 +13,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from engine.config import INIT_TEXT_LEN, PATCH_SIZE, VLMoConfig
+from engine.config import ARCH_PRESETS, INIT_TEXT_LEN, PATCH_SIZE, VLMoConfig
 
 from .plan import full_shapes
 
-# Published presets: model_arch -> (embed_dim, depth, heads).
-PRESETS: Dict[str, Tuple[int, int, int]] = {
-    "vlmo_base_patch16": (768, 12, 12),
-    "vlmo_base_plus_patch16": (544, 24, 16),
-    "vlmo_large_patch16": (1024, 24, 16),
-}
 # CLI option that overrides each inferred field.
 OVERRIDE_FLAGS = {
     "num_heads": "--num-heads",
@@ -59,12 +53,11 @@ def _num_heads(sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], embed_d
         if columns % depth:
             raise ConfigError(f"relative_position_bias_table has {columns} columns, not a multiple of depth {depth}")
         return columns // depth
-    preset = PRESETS.get(str(hyper.get("model_arch", "")))
-    if preset and preset[0] == embed_dim and preset[1] == depth:
-        return preset[2]
-    matching = [heads for d, l, heads in PRESETS.values() if (d, l) == (embed_dim, depth)]
-    if matching:
-        return matching[0]
+    # the named preset first, then any preset of the same shape
+    named = ARCH_PRESETS.get(str(hyper.get("model_arch", "")))
+    for preset in ([named] if named else []) + list(ARCH_PRESETS.values()):
+        if (preset["embed_dim"], preset["depth"]) == (embed_dim, depth):
+            return preset["num_heads"]
     raise ConfigError(f"cannot infer the number of attention heads of a {embed_dim}-wide, {depth}-layer model "
                       f"without a relative position table; pass {OVERRIDE_FLAGS['num_heads']}")
 
