@@ -1,0 +1,94 @@
+"""Properties no golden case covers: tp = 3 and 6 on a 6-head model agree with tp = 1, for every head and
+route (joint with and without VL experts, text-only, image-only), relative or absolute positions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from _run import run_torchrun, shard
+from engine.config import VLMoConfig
+from sharding.plan import full_shapes
+
+BASE = dict(embed_dim=48, depth=3, num_heads=6, vlffn_start_layer_index=2, image_size=48, vocab_size=200,
+            layer_scale=True, vqa_labels=7, nlvr2=True, retrieval=True, num_token_types=3)
+VARIANTS = {
+    "relpos": dict(relative_position_bias=True, abs_pos_embed=False),
+    "abspos": dict(relative_position_bias=False, abs_pos_embed=True, layer_scale=False),
+}
+
+
+def _spread_weights(cfg: VLMoConfig, seed: int) -> dict:
+    """Random weights with enough spread that every part of the model moves the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in full_shapes(cfg).items():
+        tensor = torch.randn(shape, generator=gen)
+        if name.endswith(("norm1.weight", "_text.weight", "_imag.weight", "_vl.weight", "LayerNorm.weight",
+                          "norm.weight", "classifier.1.weight")) and len(shape) == 1:
+            tensor = 1 + 0.1 * tensor
+        elif "gamma" in name:
+            tensor = 0.5 + 0.2 * torch.rand(shape, generator=gen)
+        elif "relative_position_bias_table" in name:
+            tensor = 0.5 * tensor
+        else:
+            tensor = tensor / max(shape[-1], 1) ** 0.5
+        weights[name] = tensor
+    return weights
+
+
+def _inputs(cfg: VLMoConfig, batch: int = 3) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, cfg.vocab_size, (batch, cfg.max_text_len), generator=gen)
+    masks = torch.zeros(batch, cfg.max_text_len, dtype=torch.long)
+    for row, length in enumerate((5, 17, cfg.max_text_len)[:batch]):
+        masks[row, :length] = 1
+    image = lambda: torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen)  # noqa: E731
+    return {"text_ids": ids * masks, "text_masks": masks, "image": image(), "image_0": image(), "image_1": image()}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """variant -> (work dir, checkpoint path), built on first use."""
+    built: dict = {}
+
+    def get(variant: str) -> tuple:
+        if variant not in built:
+            cfg = VLMoConfig(**{**BASE, **VARIANTS[variant]})
+            root = tmp_path_factory.mktemp(variant)
+            hyper = {"config": {"image_size": cfg.image_size, "max_text_len": cfg.max_text_len}}
+            torch.save({"state_dict": _spread_weights(cfg, seed=7), "hyper_parameters": hyper},
+                       root / "checkpoint.pt")
+            save_file(_inputs(cfg), str(root / "inputs.safetensors"))
+            built[variant] = root, root / "checkpoint.pt"
+        return built[variant]
+
+    return get
+
+
+def _run(root: Path, checkpoint: Path, tp: int, task: str) -> dict:
+    shards = root / f"tp{tp}"
+    if not shards.exists():
+        done = shard(checkpoint, tp, shards, "--num-heads", 6)
+        assert done.returncode == 0, done.stderr
+    out = root / f"{task}-tp{tp}.safetensors"
+    ran = run_torchrun(tp, "engine.forward", ["--shards", shards, "--inputs", root / "inputs.safetensors",
+                                              "--out", out, "--task", task, "--device", "cpu"])
+    assert ran.returncode == 0, ran.stderr
+    return load_file(str(out))
+
+
+# Absolute positions change only the embeddings, so one task covers them.
+@pytest.mark.parametrize("variant,task,degrees", [
+    ("relpos", "vqa", (3, 6)), ("relpos", "nlvr2", (3,)), ("relpos", "irtr", (3,)), ("abspos", "vqa", (3,)),
+])
+def test_higher_degrees_match_tp1(checkpoints, variant: str, task: str, degrees: tuple) -> None:
+    root, checkpoint = checkpoints(variant)
+    reference = _run(root, checkpoint, 1, task)
+    for tp in degrees:
+        got = _run(root, checkpoint, tp, task)
+        for name, want in reference.items():
+            assert want.abs().max() > 1e-3, f"{name} is degenerate"  # the check below must be able to fail
+            assert (got[name] - want).abs().max().item() <= 1e-4, f"{name} at tp={tp}"
