@@ -1,4 +1,4 @@
-"""Crash-safe result files: a resumable JSONL log of per-item results and atomic JSON writes.
+"""Crash-safe result files: a resumable JSONL log of per-item results, and atomic JSON and safetensors writes.
 
 Only rank 0 writes. Each appended batch is flushed and fsync'ed, so a killed run
 loses at most the line being written; reopening drops that partial line and
@@ -10,10 +10,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+import torch
+from safetensors.torch import save_file
 
 PathLike = Union[str, os.PathLike]
-ResultKey = Union[int, str]
+PlainKey = Union[int, str]
+# One field's value, or the tuple of several fields' values (a composite key).
+ResultKey = Union[PlainKey, Tuple[PlainKey, ...]]
 
 
 class DuplicateKeyError(ValueError):
@@ -21,13 +26,15 @@ class DuplicateKeyError(ValueError):
 
 
 class ResultsWriter:
-    """Append-only JSONL file of records, one per key (e.g. `question_id`, NLVR2 `identifier`).
+    """Append-only JSONL file of records, one per key.
 
-    `done_keys` holds the keys already on disk (treat it as read-only); a caller
-    resuming a run skips those items.
+    The key is one field (`question_id`) or several (NLVR2: `("identifier",
+    "question_index")`, as a pair's sentences share its identifier); a composite
+    key is the tuple of the fields' values. `done_keys` holds the keys already on
+    disk (treat it as read-only); a caller resuming a run skips those items.
     """
 
-    def __init__(self, path: PathLike, key: str = "question_id") -> None:
+    def __init__(self, path: PathLike, key: Union[str, Sequence[str]] = "question_id") -> None:
         self.path = Path(path)
         self.key = key
         self.done_keys: Set[ResultKey] = set()
@@ -75,9 +82,12 @@ class ResultsWriter:
     def _key_of(self, record: Mapping[str, Any], where: str) -> ResultKey:
         if not isinstance(record, Mapping):
             raise TypeError(f"{where}: a result must be a mapping, got {type(record).__name__}")
-        if self.key not in record:
-            raise KeyError(f"{where}: result has no {self.key!r} field")
-        return _plain_key(record[self.key], where)
+        fields = (self.key,) if isinstance(self.key, str) else tuple(self.key)
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise KeyError(f"{where}: result has no {missing[0]!r} field")
+        values = tuple(_plain_key(record[f], where) for f in fields)
+        return values[0] if isinstance(self.key, str) else values
 
     def _claim(self, key: ResultKey) -> None:
         if key in self.done_keys:
@@ -92,15 +102,36 @@ def read_results(path: PathLike) -> List[Dict[str, Any]]:
 
 def write_json_atomic(path: PathLike, obj: Any, indent: Union[int, None] = None) -> None:
     """Write JSON via a temporary file and os.replace, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=indent, ensure_ascii=False, default=_to_builtin)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    _replace_atomically(Path(path), write)
+
+
+def write_safetensors_atomic(path: PathLike, tensors: Dict[str, torch.Tensor],
+                             metadata: Optional[Dict[str, str]] = None) -> None:
+    """save_file via a temporary file and os.replace, like write_json_atomic."""
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+
+    _replace_atomically(Path(path), write)
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` a temporary file beside `path`, then rename it into place (removed instead on any failure)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -137,7 +168,7 @@ def _to_builtin(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def _plain_key(value: Any, where: str) -> ResultKey:
+def _plain_key(value: Any, where: str) -> PlainKey:
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, str)):

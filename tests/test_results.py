@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.results import DuplicateKeyError, ResultsWriter, read_results, write_json_atomic
+import torch
+from safetensors.torch import load_file
+
+from engine.results import DuplicateKeyError, ResultsWriter, read_results, write_json_atomic, write_safetensors_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,6 +80,19 @@ def test_string_keys_and_numpy_values(tmp_path):
     assert read_results(path) == [{"identifier": "dev-850-0-0", "pred": 1, "logits": [0.5, -0.5]}]
 
 
+def test_composite_keys(tmp_path):
+    path = tmp_path / "nlvr2.jsonl"
+    key = ("identifier", "question_index")
+    with ResultsWriter(path, key=key) as w:
+        w.append([{"identifier": "dev-5-0", "question_index": 0}, {"identifier": "dev-5-0", "question_index": 1}])
+        with pytest.raises(DuplicateKeyError):
+            w.append([{"identifier": "dev-5-0", "question_index": np.int64(1)}])
+        with pytest.raises(KeyError, match="question_index"):
+            w.append([{"identifier": "dev-6-0"}])
+    with ResultsWriter(path, key=key) as w:
+        assert w.done_keys == {("dev-5-0", 0), ("dev-5-0", 1)}
+
+
 def test_damaged_complete_line_is_an_error(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text('{"question_id": 1}\nnot json\n')
@@ -110,3 +126,12 @@ def test_write_json_atomic(tmp_path):
         write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text()) == [{"question_id": 1, "answer": "yes"}]
     assert os.listdir(path.parent) == ["summary.json"]
+
+
+def test_write_safetensors_atomic(tmp_path):
+    path = tmp_path / "sub" / "embeddings.safetensors"
+    write_safetensors_atomic(path, {"x": torch.ones(2, 3)}, metadata={"ids": "[1, 2]"})
+    with pytest.raises(ValueError):  # a non-contiguous tensor is refused; the old file stays
+        write_safetensors_atomic(path, {"x": torch.ones(3, 2).t()})
+    assert torch.equal(load_file(str(path))["x"], torch.ones(2, 3))
+    assert os.listdir(path.parent) == ["embeddings.safetensors"]
