@@ -102,6 +102,7 @@ def test_dataset_items(tmp_path):
     batch = collate([dataset[i] for i in range(len(dataset))])
     assert batch["identifier"] == ["dev-5-0", "dev-5-0", "dev-6-2"]
     assert batch["question_index"] == [0, 1, 0]
+    assert dataset.keys() == list(zip(batch["identifier"], batch["question_index"]))
     assert batch["label"].tolist() == [True, True, False]
     assert batch["image_0"].shape == batch["image_1"].shape == (3, 3, 16, 16)
     assert not torch.equal(batch["image_0"], batch["image_1"])

@@ -160,6 +160,14 @@ class NLVR2Dataset(Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
+    def keys(self) -> list:
+        """(identifier, question_index) of every item, in item order, without decoding any image.
+
+        A pair's sentences share its identifier: the sentence's position in the pair tells them apart.
+        """
+        identifiers = self._arrow.table.column("identifier").to_pylist()
+        return [(identifiers[row], int(j)) for row, j in zip(self._rows, self._positions)]
+
     def __getitem__(self, index: int) -> dict:
         row, j = int(self._rows[index]), int(self._positions[index])
         value = self._arrow.value
