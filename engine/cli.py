@@ -13,6 +13,7 @@ import torch
 from sharding.errors import ShardingError
 from sharding.shards import Manifest, read_manifest
 
+from .data.raw import DataError
 from .distributed import LaunchError, ParallelContext, init_parallel, shutdown
 from .loading import DTYPES, default_dtype, load_model
 from .model import VLMo
@@ -68,7 +69,7 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with torch.inference_mode():
                 result = main(*args, **kwargs)
-        except (ShardingError, LaunchError, UsageError) as exc:
+        except (ShardingError, LaunchError, UsageError, DataError) as exc:
             # No orderly shutdown: peers may be inside a collective; torchrun stops them on our exit.
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)

@@ -30,6 +30,9 @@ class ParallelContext:
     device: torch.device
     backend: Optional[str]
     tp_group: Optional[dist.ProcessGroup] = None
+    # Python objects (results, resume state) travel over gloo: HCCL has no gather, and
+    # pickles need no trip through the accelerator. None: the default group (already gloo).
+    object_group: Optional[dist.ProcessGroup] = None
 
     @property
     def tp_rank(self) -> int:
@@ -109,6 +112,8 @@ def init_parallel(device: str, tp_size: int, timeout_s: float = 600.0,
     if world_size > 1:
         dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=timeout_s))
         ctx.tp_group = _tp_group(ctx)
+        if ctx.backend != "gloo":
+            ctx.object_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return ctx
 
 
@@ -146,5 +151,14 @@ def gather_objects(ctx: ParallelContext, obj: object) -> List[object]:
     if ctx.world_size == 1:
         return [obj]
     gathered: List[object] = [None] * ctx.world_size if ctx.is_main else []
-    dist.gather_object(obj, gathered if ctx.is_main else None, dst=0)
+    dist.gather_object(obj, gathered if ctx.is_main else None, dst=0, group=ctx.object_group)
     return gathered
+
+
+def broadcast_object(ctx: ParallelContext, obj: object) -> object:
+    """Rank 0's `obj` on every rank (the argument is ignored elsewhere)."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=ctx.object_group)
+    return box[0]

@@ -23,11 +23,21 @@ def run_module(module: str, args: Sequence[object], timeout: float = 300) -> sub
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _torchrun(nproc: int, module: str, args: Sequence[object]) -> list:
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
+    return [sys.executable, *launcher, "-m", module, *map(str, args)]
+
+
 def run_torchrun(nproc: int, module: str, args: Sequence[object], timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node nproc -m module args` on this machine (gloo on the CPU)."""
-    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
-    return subprocess.run([sys.executable, *launcher, "-m", module, *map(str, args)], cwd=REPO, env=_env(),
+    return subprocess.run(_torchrun(nproc, module, args), cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_torchrun(nproc: int, module: str, args: Sequence[object]) -> subprocess.Popen:
+    """run_torchrun in the background, output discarded, in its own process group (os.killpg cleans up)."""
+    return subprocess.Popen(_torchrun(nproc, module, args), cwd=REPO, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _free_port() -> int:

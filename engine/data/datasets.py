@@ -83,6 +83,11 @@ class VQADataset(Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
+    def question_ids(self) -> list:
+        """The question id of every item, in item order, without decoding any image."""
+        column = self._arrow.table.column("question_id")
+        return pc.list_flatten(column).to_pylist() if self._arrow.table.num_rows else []
+
     def __getitem__(self, index: int) -> dict:
         row, j = int(self._rows[index]), int(self._positions[index])
         value = self._arrow.value

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from .answers import answer_labels, score_answers
 from .arrow_io import split_filename, staged_outputs
-from .raw import DataError, content_of, read_bytes, read_json, require_files
+from .raw import DataError, content_of, read_bytes, read_json, read_json_lines, require_files
 
 QUESTION_FILES = {
     "train": "v2_OpenEnded_mscoco_train2014_questions.json",
@@ -161,3 +161,13 @@ def write_vqav2(root: Path, out: Path) -> dict:
                             sinks[name].append(full)
         outputs.text(ANSWER_TABLE, "".join(json.dumps({"answer": a, "label": i}) + "\n" for i, a in enumerate(labels)))
     return counts
+
+
+def read_answer_table(path: Path) -> list:
+    """`answer2label.txt` as a list whose position i holds the answer of label i."""
+    entries = read_json_lines(path)
+    with content_of(path):
+        by_label = {int(entry["label"]): str(entry["answer"]) for entry in entries}
+    if sorted(by_label) != list(range(len(entries))):
+        raise DataError(f"{path}: the labels must be 0..{len(entries) - 1}, each exactly once")
+    return [by_label[label] for label in range(len(entries))]

@@ -1,0 +1,205 @@
+"""`torchrun --nproc N -m engine.vqa`: VQAv2 answers, accuracy and latency of a sharded VLMo checkpoint.
+
+The world splits into tensor-parallel groups of the shards' tp; each group
+answers a disjoint share of the questions and rank 0 appends every answer to a
+results JSONL file as it arrives. A rerun with the same --out continues where
+the last one stopped. Scores (DESIGN.md §7) are computed over the whole results
+file; test and test-dev, which have no answers, give an EvalAI submission.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import click
+import torch
+
+from sharding.shards import read_manifest
+
+from .cli import UsageError, engine_options, one_line_errors, start_engine
+from .data.datasets import VQADataset
+from .data.raw import DataError
+from .data.text import TextTokenizer
+from .data.vqav2 import ANSWER_TABLE, read_answer_table
+from .distributed import broadcast_object
+from .evaluation import Batch, EvalStats, Record, evaluate
+from .metrics import hit_rate, question_vqa_score, vqa_score
+from .model import VLMo
+from .results import ResultsWriter, read_results, write_json_atomic
+
+# Splits published without answers: no score, an EvalAI submission instead.
+TEST_SPLITS = ("test", "test-dev")
+
+
+def answer_table(path: Path, vqa_labels: Optional[int], shard_dir: Path) -> List[str]:
+    """The label → answer table, checked against the checkpoint's VQA classifier."""
+    if not vqa_labels:
+        raise UsageError(f"{shard_dir}: the checkpoint has no VQA head (vqa_classifier); "
+                         f"shard a VQA fine-tuned checkpoint such as vlmo_base_patch16_480_vqa.pt")
+    if not path.is_file():
+        raise DataError(f"missing answer table {path} (written by `python -m engine.data vqav2`; "
+                        f"or pass --answers)")
+    answers = read_answer_table(path)
+    if len(answers) != vqa_labels:
+        raise UsageError(f"the checkpoint's VQA classifier has {vqa_labels} labels but {path} lists "
+                         f"{len(answers)} answers; pass the answer table the checkpoint was fine-tuned with")
+    return answers
+
+
+def open_results(path: Path, checkpoint: str) -> ResultsWriter:
+    """The results file to append to, refusing one that holds another checkpoint's answers."""
+    try:
+        if path.exists():
+            others = {r.get("checkpoint") for r in read_results(path)} - {checkpoint}
+            if others:
+                raise UsageError(f"{path} holds answers of another checkpoint (sha256 {sorted(map(str, others))[0]}…);"
+                                 f" pass a new --out")
+        return ResultsWriter(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"cannot continue {path}: {exc}; pass a new --out") from None
+
+
+def answerer(model: VLMo, device: torch.device, answers: Sequence[str], scored: bool,
+             checkpoint: str) -> Callable[[Batch], List[Record]]:
+    """The per-batch step: one record per question; a question whose image did not decode records the error."""
+
+    def compute(batch: Batch) -> List[Record]:
+        ok = batch["image_ok"]
+        labels = iter([])
+        if ok.any():  # the same on every rank of the group: they decode the same bytes
+            logits, _ = model.vqa(batch["text_ids"][ok].to(device), batch["text_masks"][ok].to(device),
+                                  batch["image"][ok].to(device))
+            labels = iter(logits.argmax(-1).tolist())
+        records = []
+        for i, image_ok in enumerate(ok.tolist()):
+            record = {"question_id": batch["question_id"][i], "image_id": batch["image_id"][i],
+                      "question": batch["text"][i], "checkpoint": checkpoint}
+            if not image_ok:
+                record["image_error"] = batch["image_error"][i]
+            else:
+                label = next(labels)
+                record.update(answer=answers[label], label=label)
+                if scored:
+                    truth = {k: batch[k][i] for k in ("answers", "answer_labels", "answer_scores")}
+                    record.update(score=question_vqa_score(label, truth["answer_labels"], truth["answer_scores"]),
+                                  hit=answers[label] in truth["answers"], **truth)
+            records.append(record)
+        return records
+
+    return compute
+
+
+def summarize(records: List[Record], scored: bool) -> Dict[str, Any]:
+    """Counts, image errors and (for splits with answers) VQA score and hit rate over all records."""
+    answered = [r for r in records if "image_error" not in r]
+    summary: Dict[str, Any] = {
+        "questions": len(records),
+        "answered": len(answered),
+        "image_errors": [{"question_id": r["question_id"], "image_id": r["image_id"], "error": r["image_error"]}
+                         for r in records if "image_error" in r],
+    }
+    if scored:
+        summary["vqa_score"] = summary["hit_rate"] = None
+        if answered:
+            summary["vqa_score"] = vqa_score([r["label"] for r in answered], [r["answer_labels"] for r in answered],
+                                             [r["answer_scores"] for r in answered])
+            summary["hit_rate"] = hit_rate([r["answer"] for r in answered], [r["answers"] for r in answered])
+    return summary
+
+
+def print_table(summary: Dict[str, Any]) -> None:
+    """The final table on rank 0."""
+    run, latency = summary["run"], summary["latency"]
+    rows = [("questions", f"{summary['questions']} recorded ({run['questions']} this run)")]
+    if "vqa_score" in summary and summary["vqa_score"] is not None:
+        rows += [("VQA score", f"{100 * summary['vqa_score']:.2f}"),
+                 ("hit rate", f"{100 * summary['hit_rate']:.2f}  (the Ascend guide's 'accuracy')")]
+    if "submission" in summary:
+        rows.append(("submission", f"{summary['submission']} ({summary['answered']} answers)"))
+    rows.append(("image errors", str(len(summary["image_errors"]))))
+    if latency:
+        rows += [("batch latency", "mean {mean_ms:.1f} ms, p50 {p50_ms:.1f}, p90 {p90_ms:.1f}, p99 {p99_ms:.1f} "
+                                   "({batches} batches)".format(**latency)),
+                 ("throughput", f"{latency['samples_per_s']:.2f} questions/s end to end")]
+    click.echo(f"VQAv2 {summary['split']}: tp {run['tp']} x dp {run['dp']} on {run['device']}, {run['dtype']}, "
+               f"batch {run['batch_size']}")
+    for name, value in rows:
+        click.echo(f"  {name:<14} {value}")
+
+
+@click.command()
+@engine_options
+@click.option("--data", "arrow_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder with vqav2_{split}.arrow and answer2label.txt (python -m engine.data vqav2).")
+@click.option("--split", default="rest_val", show_default=True,
+              help="rest_val (the val images VLMo's fine-tuning held out), val, trainable_val, train (scored), "
+                   "or test, test-dev (EvalAI submission).")
+@click.option("--answers", "answers_path", type=click.Path(path_type=Path), default=None,
+              help="Label → answer table, one JSON object per line [default: DATA/answer2label.txt].")
+@click.option("--vocab", type=click.Path(path_type=Path), default=None,
+              help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Questions per forward pass of each model copy.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Data-loading worker processes per rank (decode and tokenise while the model runs).")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="Only the first N questions of the split.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
+              help="Results JSONL, one line per question; an existing file is continued "
+                   "[default: results/vqav2_SPLIT.jsonl].")
+@click.option("--summary", "summary_path", type=click.Path(path_type=Path), default=None,
+              help="Summary JSON (metrics, latency, image errors) [default: beside --out, .summary.json].")
+@click.option("--submission", "submission_path", type=click.Path(path_type=Path), default=None,
+              help="EvalAI submission for test/test-dev [default: beside --out, .submission.json].")
+@one_line_errors
+def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
+         arrow_dir: Path, split: str, answers_path: Optional[Path], vocab: Optional[Path], batch_size: int,
+         num_workers: int, limit: Optional[int], out_path: Optional[Path], summary_path: Optional[Path],
+         submission_path: Optional[Path]) -> None:
+    """Answer the questions of one VQAv2 split with the sharded checkpoint in SHARDS; report accuracy and latency."""
+    out_path = out_path or Path("results") / f"vqav2_{split}.jsonl"
+    summary_path = summary_path or out_path.with_suffix(".summary.json")
+    submission_path = submission_path or out_path.with_suffix(".submission.json")
+    scored = split not in TEST_SPLITS
+
+    # Everything a user can get wrong is checked before the model loads or a file is written.
+    cfg = read_manifest(shard_dir).config
+    answers = answer_table(answers_path or arrow_dir / ANSWER_TABLE, cfg.vqa_labels, shard_dir)
+    dataset = VQADataset(arrow_dir, split, TextTokenizer(vocab, cfg.max_text_len), cfg.image_size)
+    question_ids = dataset.question_ids()[:limit]
+
+    engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
+    ctx = engine.ctx
+    checkpoint = str(engine.manifest.source.get("sha256", ""))[:16]
+    writer = open_results(out_path, checkpoint) if ctx.is_main else None
+    # Rank 0 alone reads the file (it may live on rank 0's node only); all ranks skip the same questions.
+    done = broadcast_object(ctx, writer.done_keys if writer else None)
+    todo = [i for i, q in enumerate(question_ids) if q not in done]
+    if ctx.is_main and done:
+        click.echo(f"continuing {out_path}: {len(question_ids) - len(todo)} of {len(question_ids)} questions "
+                   f"already answered", err=True)
+
+    stats: EvalStats = evaluate(ctx, dataset, todo, answerer(engine.model, ctx.device, answers, scored, checkpoint),
+                                batch_size=batch_size, num_workers=num_workers,
+                                on_records=writer.append if writer else None, label=f"vqav2 {split}")
+    if not ctx.is_main:
+        return
+    writer.close()
+    records = read_results(out_path)
+    summary = {"task": "vqa", "split": split, "results": str(out_path), **summarize(records, scored)}
+    if not scored:
+        submission = [{"question_id": r["question_id"], "answer": r["answer"]}
+                      for r in records if "image_error" not in r]
+        write_json_atomic(submission_path, submission)
+        summary["submission"] = str(submission_path)
+    summary["latency"] = stats.latency_summary()
+    summary["run"] = {"questions": stats.samples, "wall_s": stats.wall_s, "tp": ctx.tp_size, "dp": ctx.dp_size,
+                      "device": str(ctx.device), "dtype": engine.dtype, "batch_size": batch_size,
+                      "shards": str(shard_dir), "checkpoint_sha256": engine.manifest.source.get("sha256")}
+    write_json_atomic(summary_path, summary, indent=1)
+    print_table(summary)
+    click.echo(f"  {'summary':<14} {summary_path}")
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m engine.vqa")

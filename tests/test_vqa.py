@@ -1,0 +1,236 @@
+"""`torchrun -m engine.vqa` end to end on the golden mini VQAv2: answers and metrics of the published pipeline,
+data × tensor parallel, resuming, undecodable images, test-split submissions, bad inputs and a rank that dies."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from click.testing import CliRunner
+
+from _datatools import read_arrow
+from _paths import GOLDEN, needs
+from _run import run_torchrun, shard, start_torchrun
+from engine.metrics import vqa_score
+from engine.results import read_results
+from engine.cli import UsageError
+from engine.vqa import main as vqa_main, open_results
+
+ARROW = GOLDEN / "vqav2_arrow_published"
+ANSWERS = ARROW / "answer2label_recovered.txt"
+EXPECTED = GOLDEN / "vqa_e2e_expected.json"
+CHECKPOINT = GOLDEN / "tiny_relpos_vqa9" / "checkpoint.pt"
+
+pytestmark = [needs(CHECKPOINT), needs(EXPECTED), needs(ARROW)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vqa9") / "shards"
+    done = shard(CHECKPOINT, 2, out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _args(shards: Path, out: Path, data: Path, *extra: object) -> list:
+    return ["--shards", shards, "--data", data, "--answers", ANSWERS, "--out", out, "--device", "cpu",
+            "--dtype", "fp32", "--split", "val", "--batch-size", 8, "--num-workers", 1, *extra]
+
+
+def run_vqa(nproc: int, shards: Path, out: Path, *extra: object, data: Path = ARROW):
+    ran = run_torchrun(nproc, "engine.vqa", _args(shards, out, data, *extra))
+    assert ran.returncode == 0, ran.stderr
+    return ran
+
+
+def summary_of(out: Path) -> dict:
+    return json.loads(out.with_suffix(".summary.json").read_text())
+
+
+def assert_matches_published(out: Path) -> dict:
+    expected = json.loads(EXPECTED.read_text())
+    records = read_results(out)
+    assert sorted(r["question_id"] for r in records) == sorted(int(q) for q in expected["predictions"])
+    for r in records:
+        assert {"label": r["label"], "answer": r["answer"]} == expected["predictions"][str(r["question_id"])]
+    summary = summary_of(out)
+    assert summary["questions"] == expected["questions"] and summary["image_errors"] == []
+    assert summary["vqa_score"] == pytest.approx(expected["vqa_score"], abs=1e-12)
+    assert summary["hit_rate"] == pytest.approx(expected["hit_rate"], abs=1e-12)
+    return summary
+
+
+def arrow_copy(table: pa.Table, folder: Path, split: str = "val") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with pa.ipc.new_file(str(folder / f"vqav2_{split}.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tp2_results(shards: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tp2") / "results.jsonl"
+    ran = run_vqa(2, shards, out)
+    assert "VQA score" in ran.stdout and "p99" in ran.stdout
+    return out
+
+
+def test_tp2_gives_the_published_answers_and_metrics(tp2_results: Path) -> None:
+    summary = assert_matches_published(tp2_results)
+    latency = summary["latency"]
+    assert latency["batches"] == 9 and latency["samples"] == 65  # 65 questions in batches of 8
+    assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"] and latency["samples_per_s"] > 0
+    assert (summary["run"]["tp"], summary["run"]["dp"]) == (2, 1)
+
+
+def test_dp2_tp2_splits_the_questions_and_gives_the_same_answers(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    run_vqa(4, shards, out, "--batch-size", 4)
+    summary = assert_matches_published(out)
+    assert (summary["run"]["tp"], summary["run"]["dp"]) == (2, 2)
+    assert summary["latency"]["batches"] == 9 + 8  # shares of 33 and 32 questions
+
+
+def test_rerun_completes_a_cut_results_file(shards: Path, tp2_results: Path, tmp_path: Path) -> None:
+    lines = tp2_results.read_bytes().splitlines(keepends=True)
+    keep = len(lines) // 2
+    out = tmp_path / "results.jsonl"
+    # The second half gone, and a crash in the middle of writing the next line.
+    out.write_bytes(b"".join(lines[:keep]) + lines[keep][: len(lines[keep]) // 2])
+    run_vqa(2, shards, out)
+    assert out.read_bytes().endswith(b"\n")
+    summary = assert_matches_published(out)  # every question exactly once, same metrics
+    assert summary["run"]["questions"] == len(lines) - keep
+
+
+def test_undecodable_image_is_reported_and_excluded_not_replaced(shards: Path, tmp_path: Path) -> None:
+    table = read_arrow(ARROW / "vqav2_val.arrow")
+    bad_row = 3
+    images = table.column("image").to_pylist()
+    images[bad_row] = b"garbled" + images[bad_row][64:]
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    out = tmp_path / "results.jsonl"
+    run_vqa(2, shards, out, data=arrow_copy(table, tmp_path / "arrow"))
+
+    bad = set(table.column("question_id")[bad_row].as_py())
+    summary = summary_of(out)
+    assert {e["question_id"] for e in summary["image_errors"]} == bad
+    assert summary["questions"] == 65 and summary["answered"] == 65 - len(bad)
+    expected = json.loads(EXPECTED.read_text())["predictions"]
+    records = read_results(out)
+    answered = [r for r in records if r["question_id"] not in bad]
+    assert all("answer" not in r for r in records if r["question_id"] in bad)
+    for r in answered:
+        assert {"label": r["label"], "answer": r["answer"]} == expected[str(r["question_id"])]
+    truth = {}
+    for row in table.select(["question_id", "answer_labels", "answer_scores"]).to_pylist():
+        truth.update(zip(row["question_id"], zip(row["answer_labels"], row["answer_scores"])))
+    others = [q for q in truth if q not in bad]
+    assert summary["vqa_score"] == pytest.approx(vqa_score([expected[str(q)]["label"] for q in others],
+                                                           [truth[q][0] for q in others],
+                                                           [truth[q][1] for q in others]), abs=1e-12)
+
+
+def test_test_split_gives_an_evalai_submission(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "test.jsonl"
+    run_vqa(2, shards, out, "--split", "test")
+    submission = json.loads(out.with_suffix(".submission.json").read_text())
+    question_ids = pc.list_flatten(read_arrow(ARROW / "vqav2_test.arrow").column("question_id")).to_pylist()
+    assert sorted(s["question_id"] for s in submission) == sorted(question_ids)
+    answers = {json.loads(line)["answer"] for line in ANSWERS.read_text().splitlines()}
+    assert all(set(s) == {"question_id", "answer"} and s["answer"] in answers for s in submission)
+    assert "vqa_score" not in summary_of(out)
+
+
+def _assert_refused(output: str, out: Path, *fragments: str) -> None:
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors and all(f in errors[0] for f in fragments), output
+    assert "/engine/" not in output  # no traceback through our code (torchrun adds its own report)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["answer table size", "missing split", "no VQA head"])
+def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    args = _args(shards, out, ARROW)
+    if case == "answer table size":
+        short = tmp_path / "answers.txt"
+        short.write_text("".join(ANSWERS.read_text().splitlines(keepends=True)[:8]))
+        args += ["--answers", short]
+        fragments = ("9 labels", "8 answers", str(short))
+    elif case == "missing split":
+        args += ["--data", arrow_copy(read_arrow(ARROW / "vqav2_val.arrow"), tmp_path / "arrow"), "--split", "rest_val"]
+        fragments = ("vqav2_rest_val.arrow",)
+    else:
+        nlvr2 = tmp_path / "nlvr2"
+        assert shard(GOLDEN / "tiny_relpos_nlvr2" / "checkpoint.pt", 1, nlvr2).returncode == 0
+        args += ["--shards", nlvr2]
+        fragments = ("no VQA head",)
+    result = CliRunner().invoke(vqa_main, [str(a) for a in args])  # the last of a repeated option wins
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    _assert_refused(result.output, out, *fragments)
+
+
+def test_shards_for_another_tp_are_refused(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    ran = run_torchrun(3, "engine.vqa", _args(shards, out, ARROW))
+    assert ran.returncode != 0
+    _assert_refused(ran.stderr, out, "tp=2", "3 processes")
+
+
+def _child_with_rank(parent: int, rank: int) -> int:
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} process under torchrun {parent}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_a_dead_rank_ends_the_job_and_keeps_the_results(shards: Path, tmp_path: Path) -> None:
+    # Many one-question steps, so the job is still running when a rank is killed.
+    val = read_arrow(ARROW / "vqav2_val.arrow")
+    copies = []
+    for k in range(20):
+        ids = pa.array([[q + 100_000 * k for q in row] for row in val.column("question_id").to_pylist()])
+        copies.append(val.set_column(val.schema.get_field_index("question_id"), "question_id", ids))
+    data = arrow_copy(pa.concat_tables(copies), tmp_path / "arrow")
+    out = tmp_path / "results.jsonl"
+    timeout_s = 20
+    job = start_torchrun(2, "engine.vqa", _args(shards, out, data, "--batch-size", 1, "--timeout", timeout_s))
+    try:
+        deadline = time.monotonic() + 180
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
+            assert job.poll() is None, "the job ended before a rank could be killed"
+            assert time.monotonic() < deadline, "no results after 180 s"
+            time.sleep(0.05)
+        os.kill(_child_with_rank(job.pid, 1), signal.SIGKILL)
+        killed = time.monotonic()
+        returncode = job.wait(timeout=timeout_s + 60)
+        assert time.monotonic() - killed < timeout_s + 60
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert returncode != 0
+    data = out.read_bytes()
+    assert data.endswith(b"\n")
+    ids = [json.loads(line)["question_id"] for line in data.splitlines()]
+    assert len(ids) == len(set(ids)) < 20 * 65
+
+
+def test_results_of_another_checkpoint_are_not_continued(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    out.write_text(json.dumps({"question_id": 1, "checkpoint": "aaaa", "answer": "yes", "label": 6}) + "\n")
+    with pytest.raises(UsageError, match="another checkpoint"):
+        open_results(out, "bbbb")
+    open_results(out, "aaaa").close()  # the same checkpoint continues
