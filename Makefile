@@ -11,7 +11,10 @@ CKPT ?=
 TP ?= 2
 OUT ?= shards
 
-.PHONY: install test shard verify clean
+# Options of `python -m engine.demo`, e.g. DEMO_ARGS="--model tiny" (seconds) or "--device npu".
+DEMO_ARGS ?=
+
+.PHONY: install test shard verify clean demo
 
 install: $(VENV)/.installed
 
@@ -20,6 +23,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
+
+demo: install
+	$(PY) -m engine.demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests
