@@ -21,11 +21,11 @@ from .data.datasets import VQADataset
 from .data.raw import DataError
 from .data.text import TextTokenizer
 from .data.vqav2 import ANSWER_TABLE, read_answer_table
-from .distributed import broadcast_object
 from .evaluation import Batch, EvalStats, Record, evaluate
+from .frontend import Row, checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
 from .metrics import hit_rate, question_vqa_score, vqa_score
 from .model import VLMo
-from .results import ResultsWriter, read_results, write_json_atomic
+from .results import read_results, write_json_atomic
 
 # Splits published without answers: no score, an EvalAI submission instead.
 TEST_SPLITS = ("test", "test-dev")
@@ -44,19 +44,6 @@ def answer_table(path: Path, vqa_labels: Optional[int], shard_dir: Path) -> List
         raise UsageError(f"the checkpoint's VQA classifier has {vqa_labels} labels but {path} lists "
                          f"{len(answers)} answers; pass the answer table the checkpoint was fine-tuned with")
     return answers
-
-
-def open_results(path: Path, checkpoint: str) -> ResultsWriter:
-    """The results file to append to, refusing one that holds another checkpoint's answers."""
-    try:
-        if path.exists():
-            others = {r.get("checkpoint") for r in read_results(path)} - {checkpoint}
-            if others:
-                raise UsageError(f"{path} holds answers of another checkpoint (sha256 {sorted(map(str, others))[0]}…);"
-                                 f" pass a new --out")
-        return ResultsWriter(path)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"cannot continue {path}: {exc}; pass a new --out") from None
 
 
 def answerer(model: VLMo, device: torch.device, answers: Sequence[str], scored: bool,
@@ -107,24 +94,16 @@ def summarize(records: List[Record], scored: bool) -> Dict[str, Any]:
     return summary
 
 
-def print_table(summary: Dict[str, Any]) -> None:
-    """The final table on rank 0."""
-    run, latency = summary["run"], summary["latency"]
-    rows = [("questions", f"{summary['questions']} recorded ({run['questions']} this run)")]
+def table_rows(summary: Dict[str, Any]) -> List[Row]:
+    """The lines of the final table."""
+    rows = [("questions", f"{summary['questions']} recorded ({summary['run']['questions']} this run)")]
     if "vqa_score" in summary and summary["vqa_score"] is not None:
         rows += [("VQA score", f"{100 * summary['vqa_score']:.2f}"),
                  ("hit rate", f"{100 * summary['hit_rate']:.2f}  (the Ascend guide's 'accuracy')")]
     if "submission" in summary:
         rows.append(("submission", f"{summary['submission']} ({summary['answered']} answers)"))
     rows.append(("image errors", str(len(summary["image_errors"]))))
-    if latency:
-        rows += [("batch latency", "mean {mean_ms:.1f} ms, p50 {p50_ms:.1f}, p90 {p90_ms:.1f}, p99 {p99_ms:.1f} "
-                                   "({batches} batches)".format(**latency)),
-                 ("throughput", f"{latency['samples_per_s']:.2f} questions/s end to end")]
-    click.echo(f"VQAv2 {summary['split']}: tp {run['tp']} x dp {run['dp']} on {run['device']}, {run['dtype']}, "
-               f"batch {run['batch_size']}")
-    for name, value in rows:
-        click.echo(f"  {name:<14} {value}")
+    return rows + latency_rows(summary["latency"], "questions")
 
 
 @click.command()
@@ -170,14 +149,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
 
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
     ctx = engine.ctx
-    checkpoint = str(engine.manifest.source.get("sha256", ""))[:16]
+    checkpoint = checkpoint_tag(engine.manifest)
     writer = open_results(out_path, checkpoint) if ctx.is_main else None
-    # Rank 0 alone reads the file (it may live on rank 0's node only); all ranks skip the same questions.
-    done = broadcast_object(ctx, writer.done_keys if writer else None)
-    todo = [i for i, q in enumerate(question_ids) if q not in done]
-    if ctx.is_main and done:
-        click.echo(f"continuing {out_path}: {len(question_ids) - len(todo)} of {len(question_ids)} questions "
-                   f"already answered", err=True)
+    todo = pending(ctx, writer, question_ids, "questions")
 
     stats: EvalStats = evaluate(ctx, dataset, todo, answerer(engine.model, ctx.device, answers, scored, checkpoint),
                                 batch_size=batch_size, num_workers=num_workers,
@@ -193,12 +167,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         write_json_atomic(submission_path, submission)
         summary["submission"] = str(submission_path)
     summary["latency"] = stats.latency_summary()
-    summary["run"] = {"questions": stats.samples, "wall_s": stats.wall_s, "tp": ctx.tp_size, "dp": ctx.dp_size,
-                      "device": str(ctx.device), "dtype": engine.dtype, "batch_size": batch_size,
-                      "shards": str(shard_dir), "checkpoint_sha256": engine.manifest.source.get("sha256")}
+    summary["run"] = {"questions": stats.samples, "wall_s": stats.wall_s, **run_info(engine, shard_dir, batch_size)}
     write_json_atomic(summary_path, summary, indent=1)
-    print_table(summary)
-    click.echo(f"  {'summary':<14} {summary_path}")
+    print_table(run_title(f"VQAv2 {split}", summary["run"]), [*table_rows(summary), ("summary", str(summary_path))])
 
 
 if __name__ == "__main__":

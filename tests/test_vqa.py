@@ -19,7 +19,8 @@ from _run import run_torchrun, shard, start_torchrun
 from engine.metrics import vqa_score
 from engine.results import read_results
 from engine.cli import UsageError
-from engine.vqa import main as vqa_main, open_results
+from engine.frontend import open_results
+from engine.vqa import main as vqa_main
 
 ARROW = GOLDEN / "vqav2_arrow_published"
 ANSWERS = ARROW / "answer2label_recovered.txt"
