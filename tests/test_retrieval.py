@@ -1,0 +1,166 @@
+"""`torchrun -m engine.retrieval` end to end on the golden mini COCO: the published recalls, data × tensor
+parallel, the embeddings file, undecodable images and bad inputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from click.testing import CliRunner
+
+from _datatools import read_arrow
+from _paths import GOLDEN, needs
+from _run import run_torchrun, shard
+from engine.embeddings import Gallery, load_embeddings
+from engine.metrics import RECALL_KS, retrieval_recall
+from engine.retrieval import main as retrieval_main
+
+ARROW = GOLDEN / "coco_arrow_published"
+TEST_SPLIT = "coco_caption_karpathy_test.arrow"
+EXPECTED = GOLDEN / "retrieval_e2e_expected.json"
+CHECKPOINT = GOLDEN / "tiny_relpos_irtr_e2e" / "checkpoint.pt"
+RECALLS = [f"{direction}_r{k}" for direction in ("ir", "tr") for k in RECALL_KS]
+TIE = 1e-6  # scores closer than this may be ordered either way
+
+pytestmark = [needs(CHECKPOINT), needs(EXPECTED), needs(ARROW)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("irtr") / "shards"
+    done = shard(CHECKPOINT, 2, out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _args(shards: Path, folder: Path, data: Path, *extra: object) -> list:
+    return ["--shards", shards, "--data", data, "--dataset", "coco", "--split", "test",
+            "--summary", folder / "summary.json", "--device", "cpu", "--dtype", "fp32",
+            "--batch-size", 8, "--num-workers", 1, *extra]
+
+
+def run_retrieval(nproc: int, shards: Path, folder: Path, *extra: object, data: Path = ARROW) -> dict:
+    ran = run_torchrun(nproc, "engine.retrieval", _args(shards, folder, data, *extra))
+    assert ran.returncode == 0, ran.stderr
+    assert "image→text" in ran.stdout and "p99" in ran.stdout
+    return json.loads((folder / "summary.json").read_text())
+
+
+def assert_same_recalls(summary: dict, expected: dict, gallery: Gallery) -> None:
+    """Text→image recalls equal; both image→text recalls possible for `gallery`'s scores.
+
+    The mini set reuses 5 captions across its 12 images, so each row of the score matrix is made of ties
+    between copies of one caption, equal or a rounding apart depending on the batch a copy was embedded in:
+    image→text recall then depends on how top-k orders them. Every ordering is as right as the published run's.
+    """
+    for k in RECALL_KS:
+        assert summary[f"ir_r{k}"] == pytest.approx(expected[f"ir_r{k}"], abs=1e-6)
+    scores = gallery.image_embeds @ gallery.text_embeds.t()
+    text_image = torch.tensor(gallery.text_image)
+    for k in RECALL_KS:
+        worst = best = 0
+        for image, row in enumerate(scores):
+            own = text_image == image
+            top = row[own].max()
+            above = int((row > top + TIE).sum())
+            tied_others = int((((row - top).abs() <= TIE) & ~own).sum())
+            best += above < k
+            worst += above + tied_others < k
+        for recalls in (summary, expected):
+            assert worst <= round(recalls[f"tr_r{k}"] * len(scores)) <= best, (k, worst, best)
+
+
+@pytest.fixture(scope="module")
+def tp2(shards: Path, tmp_path_factory) -> tuple:
+    folder = tmp_path_factory.mktemp("tp2")
+    summary = run_retrieval(2, shards, folder, "--save-embeddings", folder / "embeddings.safetensors")
+    return summary, folder / "embeddings.safetensors"
+
+
+def test_tp2_reproduces_the_published_recalls(tp2: tuple) -> None:
+    summary, embeddings = tp2
+    expected = json.loads(EXPECTED.read_text())
+    assert (summary["images"], summary["captions"]) == (expected["images"], expected["captions"])
+    assert (summary["images_scored"], summary["captions_scored"]) == (expected["images"], expected["captions"])
+    gallery = load_embeddings(embeddings)
+    assert {k: summary[k] for k in RECALLS} == retrieval_recall(gallery.image_embeds @ gallery.text_embeds.t(),
+                                                                gallery.text_image)
+    assert_same_recalls(summary, expected, gallery)
+
+
+def test_embeddings_file_holds_the_split_in_arrow_order(tp2: tuple) -> None:
+    summary, embeddings = tp2
+    table = read_arrow(ARROW / TEST_SPLIT)
+    captions = table.column("caption").to_pylist()
+    gallery = load_embeddings(embeddings)
+    assert gallery.image_embeds.shape == (12, 64) and gallery.text_embeds.shape == (60, 64)
+    assert gallery.image_embeds.dtype == gallery.text_embeds.dtype == torch.float32
+    for embeds in (gallery.image_embeds, gallery.text_embeds):
+        assert torch.allclose(embeds.norm(dim=1), torch.ones(len(embeds)), atol=1e-5)
+    assert gallery.image_ids == table.column("image_id").to_pylist() and gallery.image_rows == list(range(12))
+    assert gallery.captions == [c for row in captions for c in row] and gallery.caption_index == list(range(60))
+    assert gallery.text_image == [row for row, texts in enumerate(captions) for _ in texts]
+    assert summary["embeddings"] == str(embeddings)
+
+
+def test_dp2_tp2_splits_the_work_and_gives_the_same_embeddings(shards: Path, tp2: tuple, tmp_path: Path) -> None:
+    summary = run_retrieval(4, shards, tmp_path, "--batch-size", 4, "--save-embeddings", tmp_path / "e.safetensors")
+    ours, theirs = load_embeddings(tmp_path / "e.safetensors"), load_embeddings(tp2[1])
+    assert torch.allclose(ours.image_embeds, theirs.image_embeds, atol=1e-6)
+    assert torch.allclose(ours.text_embeds, theirs.text_embeds, atol=1e-6)
+    assert_same_recalls(summary, tp2[0], theirs)
+    assert (summary["run"]["tp"], summary["run"]["dp"]) == (2, 2)
+    assert summary["latency"]["image"]["batches"] == 2 * 2  # 6 images per group, 4 a batch
+    assert summary["latency"]["text"]["batches"] == 2 * 8  # 30 captions per group
+    assert summary["latency"]["text"]["samples"] == 60
+
+
+def test_undecodable_image_leaves_the_gallery_with_its_captions(shards: Path, tp2: tuple, tmp_path: Path) -> None:
+    table = read_arrow(ARROW / TEST_SPLIT)
+    bad, limit = 3, 6
+    images = table.column("image").to_pylist()
+    images[bad] = b"garbled" + images[bad][64:]
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    data = tmp_path / "arrow"
+    data.mkdir()
+    with pa.ipc.new_file(str(data / TEST_SPLIT), table.schema) as writer:
+        writer.write_table(table)
+    summary = run_retrieval(2, shards, tmp_path, "--limit", limit, "--save-embeddings", tmp_path / "e.safetensors",
+                            data=data)
+
+    [error] = summary["image_errors"]
+    assert (error["image_index"], error["image_id"], error["captions"]) == (bad, table["image_id"][bad].as_py(), 5)
+    assert "cannot decode" in error["error"]
+    assert (summary["images"], summary["captions"]) == (limit, 5 * limit)  # the first 6 rows, 5 captions each
+    assert (summary["images_scored"], summary["captions_scored"]) == (limit - 1, 5 * (limit - 1))
+    # Scored: the intact run's embeddings of those rows, less that image and its captions; nothing swapped in.
+    ours, intact = load_embeddings(tmp_path / "e.safetensors"), load_embeddings(tp2[1])
+    keep_images = [i for i in range(limit) if i != bad]
+    keep_texts = [j for j, i in enumerate(intact.text_image) if i in keep_images]
+    assert ours.image_rows == keep_images and ours.caption_index == keep_texts
+    assert ours.image_ids == [intact.image_ids[i] for i in keep_images]
+    assert ours.text_image == [keep_images.index(intact.text_image[j]) for j in keep_texts]
+    assert torch.allclose(ours.image_embeds, intact.image_embeds[keep_images], atol=1e-6)
+    assert torch.allclose(ours.text_embeds, intact.text_embeds[keep_texts], atol=1e-6)
+    assert {k: summary[k] for k in RECALLS} == retrieval_recall(ours.image_embeds @ ours.text_embeds.t(),
+                                                                ours.text_image)
+
+
+@pytest.mark.parametrize("case", ["missing split", "no retrieval head"])
+def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_path: Path) -> None:
+    args = _args(shards, tmp_path, ARROW)
+    if case == "missing split":
+        args += ["--dataset", "f30k"]
+        fragment = "f30k_caption_karpathy_test.arrow"
+    else:
+        vqa = tmp_path / "vqa"
+        assert shard(GOLDEN / "tiny_relpos_vqa" / "checkpoint.pt", 1, vqa).returncode == 0
+        args += ["--shards", vqa]
+        fragment = "no retrieval head"
+    result = CliRunner().invoke(retrieval_main, [str(a) for a in args])  # the last of a repeated option wins
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.output
+    assert "Traceback" not in result.output and not (tmp_path / "summary.json").exists()
