@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import click
 import torch
+import torch.distributed as dist
 
 from sharding.errors import ShardingError
 from sharding.shards import Manifest, read_manifest
@@ -73,7 +75,14 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
             # No orderly shutdown: peers may be inside a collective; torchrun stops them on our exit.
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        if not dist.is_initialized():
+            return result
         shutdown()
-        return result
+        # Every output is written and fsynced by now. Interpreter teardown can still abort a finished rank
+        # ("terminate called without an active exception" from gloo's threads), failing a good run, so a
+        # distributed rank leaves without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     return wrapper
