@@ -50,3 +50,14 @@ def _free_port() -> int:
 
 def shard(checkpoint: Path, tp: int, out: Path, *extra: object) -> subprocess.CompletedProcess:
     return run_module("sharding", ["--checkpoint", checkpoint, "--tp", tp, "--out", out, *extra])
+
+
+def invoke_refused(command, args: Sequence[object], *fragments: str) -> None:
+    """Run a click command in-process and check it refuses: exit 1, one `error:` line holding every fragment."""
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(command, [str(a) for a in args])  # the last of a repeated option wins
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(f in errors[0] for f in fragments), result.output
+    assert "Traceback" not in result.output
