@@ -6,7 +6,7 @@ slice (h = H / tp heads); everything else is replicated.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -210,6 +210,10 @@ class VLMo(nn.Module):
             bias = table[index.flatten()].view(N, N, self.cfg.depth, -1).permute(2, 3, 0, 1)
             self._position_bias[mode] = bias.contiguous()
         return self._position_bias[mode]
+
+    def cached_position_biases(self) -> List[torch.Tensor]:
+        """The position biases built so far (engine.bench counts their memory)."""
+        return list(self._position_bias.values())
 
     def encode(self, x: torch.Tensor, mode: str, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run every block over x [B, N, D]; key_mask [B, N] is 1 for real tokens. Returns the final norm."""

@@ -7,12 +7,35 @@ them, and the bias (replicated) is added once, after the reduction.
 """
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+class CommTimer:
+    """Host time this process spends in all-reduce, and the number of calls (engine.bench reports them).
+
+    On the CPU (gloo) the call returns when the sum is done; on accelerators it is the launch time only.
+    """
+    seconds = 0.0
+    calls = 0
+
+    @classmethod
+    def total(cls) -> Tuple[float, int]:
+        return cls.seconds, cls.calls
+
+
+def all_reduce_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Sum `tensor` in place over the group."""
+    start = time.perf_counter()
+    dist.all_reduce(tensor, group=group)
+    CommTimer.seconds += time.perf_counter() - start
+    CommTimer.calls += 1
+    return tensor
 
 
 class ColumnParallelLinear(nn.Module):
@@ -37,5 +60,5 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
         if self.tp_size > 1:
-            dist.all_reduce(partial, group=self.group)
+            all_reduce_(partial, self.group)
         return partial.add_(self.bias)

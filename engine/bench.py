@@ -1,0 +1,262 @@
+"""`torchrun --nproc N -m engine.bench`: latency, throughput and scaling of the sharded model on synthetic inputs.
+
+Inputs have the model's shape (a VQA checkpoint: one question + one S×S image per
+sample; NLVR2: two images; retrieval: a text-only and an image-only pass) and
+realistic question lengths. Each iteration is the task's forward on the device,
+synchronised before and after, with all ranks started together; an iteration's
+latency is the slowest rank's. The dense-matmul peak is measured here too, on
+every rank at once, in the same dtype and threads, so that "fraction of peak"
+compares like with like. Rank 0 prints a summary and writes the JSON.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import click
+import numpy as np
+import torch
+
+from sharding.shards import read_manifest
+
+from .cli import Engine, engine_options, one_line_errors
+from .config import VLMoConfig
+from .distributed import ParallelContext, barrier, gather_objects, init_parallel, synchronize
+from .forward import TASK_INPUTS, pick_task, run_task
+from .loading import DTYPES, default_dtype, load_model
+from .parallel import CommTimer
+
+CLS, SEP = 101, 102  # bert-base-uncased [CLS], [SEP]
+QUESTION_TOKENS = (6, 17)  # VQAv2 questions are ~6-16 WordPiece tokens with [CLS] and [SEP]
+PEAK_SIZE = 2048
+
+
+def forward_gflop(cfg: VLMoConfig, task: str) -> float:
+    """Multiply-add FLOPs (×2) of one sample's forward: every matmul, attention over all T + n positions."""
+    D, F, P = cfg.embed_dim, cfg.ffn_dim, cfg.patch_size
+
+    def encoder(tokens: int) -> int:
+        per_layer = 2 * tokens * (4 * D * D + 2 * D * F) + 2 * 2 * tokens * tokens * D  # linears + qkᵀ, pv
+        return cfg.depth * per_layer
+
+    patches = 2 * (cfg.grid ** 2) * (3 * P * P) * D
+    joint = encoder(cfg.max_text_len + cfg.num_image_tokens) + patches + 2 * D * D  # + pooler
+    if task == "vqa":
+        total = joint + 2 * (D * 2 * D + 2 * D * cfg.vqa_labels)
+    elif task == "nlvr2":
+        total = 2 * joint + 2 * (2 * D * 2 * D + 2 * D * 2)
+    else:  # irtr: a text-only and an image-only pass, each with its projection
+        total = encoder(cfg.max_text_len) + encoder(cfg.num_image_tokens) + patches + 2 * 2 * D * D
+    return total / 1e9
+
+
+def synthetic_inputs(cfg: VLMoConfig, task: str, batch: int, device: torch.device,
+                     seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Random questions of VQA length (padded to T) and random normalised images."""
+    gen = torch.Generator().manual_seed(seed)
+    T, S = cfg.max_text_len, cfg.image_size
+    lengths = torch.randint(QUESTION_TOKENS[0], min(QUESTION_TOKENS[1], T) + 1, (batch,), generator=gen)
+    masks = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1000, cfg.vocab_size, (batch, T), generator=gen) * masks
+    ids[:, 0] = CLS
+    ids[torch.arange(batch), lengths - 1] = SEP
+    tensors = {"text_ids": ids, "text_masks": masks}
+    for name in TASK_INPUTS[task][2:]:
+        tensors[name] = torch.rand(batch, 3, S, S, generator=gen) * 2 - 1
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = PEAK_SIZE, reps: int = 10) -> float:
+    """Best dense-matmul throughput of this process (its threads, this dtype)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def latency_stats(seconds: List[float]) -> Dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "min": float(ms.min()), "max": float(ms.max()),
+            "std": float(ms.std())}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cpu":
+        flags = _cpu_flags()
+        isa = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else "avx2" if \
+            "avx2" in flags else platform.machine()
+        return f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads/rank, {isa})"
+    module = getattr(torch, device.type)
+    return f"{device.type}: {module.get_device_name(device)}"
+
+
+def _cpuinfo_field(field: str) -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+
+
+def _cpu_flags() -> set:
+    return set(_cpuinfo_field("flags").split())
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _module_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], warmup: int,
+                 iters: int) -> Dict[str, Any]:
+    """Per-iteration latency (this rank) and the all-reduce time spent in the timed iterations."""
+    for _ in range(warmup):
+        run_task(engine.model, task, inputs)
+    seconds = []
+    comm_before, calls_before = CommTimer.total()
+    for _ in range(iters):
+        barrier(engine.ctx)  # start together: the slowest rank is the latency
+        synchronize(engine.ctx.device)
+        start = time.perf_counter()
+        run_task(engine.model, task, inputs)
+        synchronize(engine.ctx.device)
+        seconds.append(time.perf_counter() - start)
+    comm_after, calls_after = CommTimer.total()
+    return {"seconds": seconds, "comm_s": comm_after - comm_before, "comm_calls": calls_after - calls_before}
+
+
+def compare_fp32(shard_dir: Path, engine: Engine, task: str, inputs: Dict[str, torch.Tensor],
+                 got: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """How far this dtype's outputs are from an fp32 copy of the same shard on the same inputs."""
+    reference = load_model(shard_dir, engine.ctx, "fp32", engine.manifest)
+    want = run_task(reference, task, inputs)
+    del reference
+    deviation = {name: float((got[name].float() - want[name]).abs().max()) for name in want}
+    report: Dict[str, Any] = {"max_abs_diff": deviation}
+    logits = next((name for name in ("vqa_logits", "nlvr2_logits") if name in want), None)
+    if logits:
+        report["top1_agreement"] = float((got[logits].argmax(-1) == want[logits].argmax(-1)).float().mean())
+    return report
+
+
+def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
+              batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool) -> Dict[str, Any]:
+    manifest = read_manifest(shard_dir)
+    ctx = init_parallel(device, manifest.tp, timeout_s, threads)
+    dtype = dtype or default_dtype(ctx.device)
+    barrier(ctx)
+    start = time.perf_counter()
+    model = load_model(shard_dir, ctx, dtype, manifest)
+    load_s = time.perf_counter() - start
+    engine = Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype)
+    cfg = manifest.config
+    task = pick_task(cfg, task)
+    inputs = synthetic_inputs(cfg, task, batch_size, ctx.device)
+
+    timed = time_forward(engine, task, inputs, warmup, iters)
+    barrier(ctx)
+    peak = matmul_peak_gflops(DTYPES[dtype], ctx.device)
+    accuracy = compare_fp32(shard_dir, engine, task, inputs, run_task(model, task, inputs)) \
+        if check_fp32 and dtype != "fp32" else None
+    mine = {
+        "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"], "peak": peak,
+        "load_s": load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes(model.parameters()),
+        "position_bias": _module_bytes(model.cached_position_biases()),
+    }
+    ranks = gather_objects(ctx, mine)
+    if not ctx.is_main:
+        return {}
+    return summarise(ranks, ctx, cfg, task, dtype, batch_size, warmup, accuracy)
+
+
+def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig, task: str, dtype: str,
+              batch_size: int, warmup: int, accuracy: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    per_iter = [max(r["seconds"][i] for r in ranks) for i in range(len(ranks[0]["seconds"]))]
+    latency = latency_stats(per_iter)
+    iters = len(per_iter)
+    samples_per_s = ctx.dp_size * batch_size / (latency["mean"] / 1e3)
+    gflop = forward_gflop(cfg, task)
+    peak = sum(r["peak"] for r in ranks)
+    report = {
+        "tp": ctx.tp_size, "world_size": ctx.world_size, "threads_per_rank": torch.get_num_threads(),
+        "batch_size": batch_size, "dtype": dtype, "task": task, "device": device_name(ctx.device),
+        "torch": torch.__version__, "warmup": warmup, "iters": iters,
+        "model": {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
+                  "image_size": cfg.image_size, "tokens": cfg.max_text_len + cfg.num_image_tokens},
+        "latency_ms": latency,
+        "latency_ms_per_sample": latency["mean"] / batch_size,
+        "samples_per_s": samples_per_s,
+        "gflop_per_sample": gflop,
+        "achieved_gflop_per_s": gflop * samples_per_s,
+        "peak_gflop_per_s": peak,
+        "peak_gflop_per_s_per_rank": [r["peak"] for r in ranks],
+        "fraction_of_peak": gflop * samples_per_s / peak,
+        "weights_bytes_per_rank": [r["weights"] for r in ranks],
+        "position_bias_bytes_per_rank": [r["position_bias"] for r in ranks],
+        "peak_rss_bytes_per_rank": [r["rss"] for r in ranks],
+        "load_s_per_rank": [r["load_s"] for r in ranks],
+        "allreduce_ms_per_forward": 1e3 * max(r["comm_s"] for r in ranks) / iters,
+        "allreduce_calls_per_forward": ranks[0]["comm_calls"] / iters,
+    }
+    if accuracy is not None:
+        report["vs_fp32"] = accuracy
+    return report
+
+
+def summary_line(report: Dict[str, Any]) -> str:
+    lat = report["latency_ms"]
+    return (f"tp {report['tp']} × {report['threads_per_rank']} threads, batch {report['batch_size']}, "
+            f"{report['dtype']}: {lat['mean']:.1f} ms mean (p50 {lat['p50']:.1f}, min {lat['min']:.1f}), "
+            f"{report['samples_per_s']:.2f} samples/s, {report['achieved_gflop_per_s']:.0f} of "
+            f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%), "
+            f"all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward")
+
+
+@click.command()
+@engine_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Untimed iterations first (the first builds the position-bias cache).")
+@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed iterations.")
+@click.option("--task", type=click.Choice(sorted(TASK_INPUTS)), default=None,
+              help="Task forward to time [default: the checkpoint's only head].")
+@click.option("--check-fp32", is_flag=True,
+              help="Also run an fp32 copy of the shard on the same inputs and report the output deviation.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Write the report here (rank 0).")
+@one_line_errors
+def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
+         batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool,
+         json_path: Optional[Path]) -> None:
+    """Time the sharded model's forward on synthetic inputs and report latency, throughput and efficiency."""
+    report = run_bench(shard_dir, device, dtype, threads, timeout_s, batch_size, warmup, iters, task, check_fp32)
+    if report:
+        click.echo(summary_line(report))
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m engine.bench")
