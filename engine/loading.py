@@ -10,6 +10,7 @@ from sharding.shards import Manifest, load_rank_shard, read_manifest
 
 from .distributed import ParallelContext
 from .model import VLMo
+from .parallel import pack_for_onednn
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -26,4 +27,7 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Mani
     with torch.device("meta"):
         model = VLMo(manifest.config, ctx.tp_size, ctx.tp_group)
     model.load_state_dict(tensors, strict=True, assign=True)
-    return model.to(device=ctx.device, dtype=DTYPES[dtype]).eval()
+    del tensors  # the model holds them now: packing below can free each original as it goes
+    model = model.to(device=ctx.device, dtype=torch.float32).fold_scales().to(dtype=DTYPES[dtype]).eval()
+    pack_for_onednn(model)
+    return model

@@ -13,11 +13,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import KeySelection, attend, select_keys
 from .config import VLMoConfig
-from .parallel import ColumnParallelLinear, RowParallelLinear
+from .parallel import ColumnParallelLinear, RowParallelLinear, linear
 from .relpos import INDEX_BUILDERS
 
 TEXT, IMAGE, JOINT = "text", "image", "joint"
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    # No random init: the weights come from the shard, and normal_ on the meta device imports torch._dynamo
+    # (1.1 s of a 2 s load).
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
 def _layer_norm(dim: int, eps: float) -> nn.LayerNorm:
@@ -35,7 +42,7 @@ class Mlp(nn.Module):
         self.fc2 = RowParallelLinear(cfg.ffn_dim // tp_size, cfg.embed_dim, group, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.fc1(x, gelu=True))
 
 
 class Attention(nn.Module):
@@ -50,15 +57,23 @@ class Attention(nn.Module):
         self.q_bias = nn.Parameter(torch.empty(local), requires_grad=False)
         self.v_bias = nn.Parameter(torch.empty(local), requires_grad=False)
         self.proj = RowParallelLinear(local, cfg.embed_dim, group, tp_size)
+        self.scale = self.head_dim ** -0.5  # 1 once fold_scales has moved it into the q weights
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor], keys: KeySelection) -> torch.Tensor:
         B, N, _ = x.shape
         # k has no bias in VLMo: qkv bias = [q_bias, 0, v_bias]
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        qkv = linear(x, self.qkv.weight, qkv_bias)
         q, k, v = qkv.view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # softmax(q kᵀ / √d + B_l + key mask) v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if keys.shift:  # the key order the position bias is stored in
+            k, v = k.roll(-keys.shift, dims=2), v.roll(-keys.shift, dims=2)
+        # softmax(q kᵀ / √d + B_l + key mask) v, the masked keys left out
+        if keys.per_sample is None:
+            out = attend(q, k, v, bias, self.scale)
+        else:
+            out = torch.cat([attend(q[b:b + 1], k[b:b + 1, :, kept], v[b:b + 1, :, kept],
+                                    None if bias is None else bias[..., kept], self.scale)
+                             for b, kept in enumerate(keys.per_sample)])
         return self.proj(out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
 
 
@@ -85,8 +100,8 @@ class Block(nn.Module):
     def _scaled(self, gamma: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         return y if gamma is None else y.mul_(gamma)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], mode: str) -> torch.Tensor:
-        x = x + self._scaled(self.gamma_1, self.attn(self.norm1(x), attn_mask))
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor], keys: KeySelection, mode: str) -> torch.Tensor:
+        x = x + self._scaled(self.gamma_1, self.attn(self.norm1(x), bias, keys))
         if mode == TEXT:
             x += self._scaled(self.gamma_2, self.mlp_text(self.norm2_text(x)))
         elif mode == IMAGE:
@@ -98,6 +113,11 @@ class Block(nn.Module):
             text += self._scaled(self.gamma_2, self.mlp_text(self.norm2_text(text)))
             image += self._scaled(self.gamma_2, self.mlp_imag(self.norm2_imag(image)))
         return x
+
+
+def _scale_outputs(layer: RowParallelLinear, gamma: torch.Tensor) -> None:
+    layer.weight.data *= gamma[:, None]
+    layer.bias.data *= gamma
 
 
 class PatchEmbed(nn.Module):
@@ -125,9 +145,9 @@ class TextEmbeddings(nn.Module):
     def __init__(self, cfg: VLMoConfig) -> None:
         super().__init__()
         D = cfg.embed_dim
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, D)
-        self.position_embeddings = nn.Embedding(cfg.max_text_len, D)
-        self.token_type_embeddings = nn.Embedding(2, D)
+        self.word_embeddings = _embedding(cfg.vocab_size, D)
+        self.position_embeddings = _embedding(cfg.max_text_len, D)
+        self.token_type_embeddings = _embedding(2, D)
         self.LayerNorm = _layer_norm(D, 1e-12)
         self.requires_grad_(False)
         self.abs_pos = cfg.abs_pos_embed
@@ -169,7 +189,7 @@ class VLMo(nn.Module):
         D = cfg.embed_dim
         self.transformer = MultiwayTransformer(cfg, tp_size, group)
         self.text_embeddings = TextEmbeddings(cfg)
-        self.token_type_embeddings = nn.Embedding(cfg.num_token_types, D)
+        self.token_type_embeddings = _embedding(cfg.num_token_types, D)
         self.token_type_embeddings.requires_grad_(False)
         self.pooler = Pooler(D)
         if cfg.relative_position_bias:
@@ -183,8 +203,24 @@ class VLMo(nn.Module):
         if cfg.retrieval:
             self.itc_text_proj = ItcProjection(D)
             self.itc_image_proj = ItcProjection(D)
-        # mode -> [L, h, N, N] relative-position bias in the compute dtype, built once on first use
-        self._position_bias: Dict[str, torch.Tensor] = {}
+        # (mode, dtype, device) -> [L, h, N, N] relative-position bias, built once on first use
+        self._position_bias: Dict[tuple, torch.Tensor] = {}
+
+    def fold_scales(self) -> "VLMo":
+        """Fold 1/√d into the q rows of qkv and the layer scales into proj and each fc2: γ ⊙ (W x + b) = (γW) x + γb."""
+        for block in self.transformer.blocks:
+            attn = block.attn
+            q = slice(0, attn.heads * attn.head_dim)
+            attn.qkv.weight.data[q] *= attn.scale
+            attn.q_bias.data *= attn.scale
+            attn.scale = 1.0
+            if block.gamma_1 is not None:
+                _scale_outputs(attn.proj, block.gamma_1)
+                for name in ("mlp_text", "mlp_imag", "mlp_vl"):
+                    if hasattr(block, name):
+                        _scale_outputs(getattr(block, name).fc2, block.gamma_2)
+                block.gamma_1 = block.gamma_2 = None
+        return self
 
     # --- embeddings -------------------------------------------------------------------------
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
@@ -200,16 +236,23 @@ class VLMo(nn.Module):
 
     # --- encoder ----------------------------------------------------------------------------
     def position_bias(self, mode: str) -> Optional[torch.Tensor]:
-        """[L, h, N, N] relative-position bias of this rank's heads for `mode`, or None."""
+        """[L, h, N, N] relative-position bias of this rank's heads for `mode`, or None.
+
+        Keys are in attention order: rolled left by `key_shift(mode)` (image keys first in a joint pass).
+        """
         if not self.cfg.relative_position_bias:
             return None
-        if mode not in self._position_bias:
-            table = self.relative_position_bias_table
-            index = INDEX_BUILDERS[mode](self.cfg).to(table.device)
-            N = index.shape[0]
-            bias = table[index.flatten()].view(N, N, self.cfg.depth, -1).permute(2, 3, 0, 1)
-            self._position_bias[mode] = bias.contiguous()
-        return self._position_bias[mode]
+        table = self.relative_position_bias_table
+        key = (mode, table.dtype, table.device)
+        if key not in self._position_bias:
+            index = INDEX_BUILDERS[mode](self.cfg).roll(-self.key_shift(mode), dims=1).to(table.device)
+            # rows of table.t() are (layer, head): gathering along them yields [L·h, N, N] with no permute copy
+            self._position_bias[key] = table.t().contiguous()[:, index].view(self.cfg.depth, -1, *index.shape)
+        return self._position_bias[key]
+
+    def key_shift(self, mode: str) -> int:
+        """How far keys are rolled left for attention: a joint pass's text keys go last, so padding is a suffix."""
+        return self.cfg.max_text_len if mode == JOINT else 0
 
     def cached_position_biases(self) -> List[torch.Tensor]:
         """The position biases built so far (engine.bench counts their memory)."""
@@ -218,16 +261,9 @@ class VLMo(nn.Module):
     def encode(self, x: torch.Tensor, mode: str, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run every block over x [B, N, D]; key_mask [B, N] is 1 for real tokens. Returns the final norm."""
         bias = self.position_bias(mode)
-        masked = None
-        if key_mask is not None and not bool(key_mask.all()):
-            masked = torch.zeros(key_mask.shape, dtype=x.dtype, device=x.device)
-            masked.masked_fill_(key_mask == 0, float("-inf"))
-            masked = masked[:, None, None, :]
+        keys = select_keys(key_mask, self.key_shift(mode))
         for layer, block in enumerate(self.transformer.blocks):
-            attn_mask = None if bias is None else bias[layer].unsqueeze(0)
-            if masked is not None:
-                attn_mask = masked if attn_mask is None else attn_mask + masked
-            x = block(x, attn_mask, mode)
+            x = block(x, None if bias is None else bias[layer].unsqueeze(0), keys, mode)
         return self.transformer.norm(x)
 
     def joint(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,

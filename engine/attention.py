@@ -1,0 +1,45 @@
+"""Attention kernels and key masking without a [B, h, N, N] mask per layer.
+
+Padded text keys get no weight. Adding a −inf key mask to the (shared) position
+bias would write a fresh [B, h, N, N] tensor in every layer (16 ms of a 100 ms
+VLMo-base layer on a 2-core CPU); instead each sample attends to its real keys
+only. Keys are first rolled left by `shift` (the joint pass puts its image keys
+before its text keys, and the position bias is stored in that key order), so
+that padding is a suffix: a sample's keys, and the bias columns they need, are
+then a prefix — views, not copies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+KeyIndex = Union[slice, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KeySelection:
+    """The keys each sample attends to, in rolled key order; `per_sample` None: all keys, whole batch at once."""
+    shift: int = 0
+    per_sample: Optional[List[KeyIndex]] = None
+
+
+def select_keys(key_mask: Optional[torch.Tensor], shift: int = 0) -> KeySelection:
+    """KeySelection for key_mask [B, N] (1 = real token) once keys are rolled left by `shift`."""
+    if key_mask is None or bool(key_mask.all()):
+        return KeySelection(shift)
+    rolled = key_mask.roll(-shift, dims=1).bool()
+    per_sample: List[KeyIndex] = []
+    for row in rolled:
+        kept = row.nonzero().flatten()
+        # Tokenizer masks are a prefix of ones; any other pattern still works, with a gather.
+        per_sample.append(slice(0, len(kept)) if bool(row[:len(kept)].all()) else kept)
+    return KeySelection(shift, per_sample)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+           scale: float) -> torch.Tensor:
+    """softmax(scale · q kᵀ + bias) v for q [B, h, N, d], k and v [B, h, M, d], bias broadcastable to [B, h, N, M]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
