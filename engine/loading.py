@@ -27,7 +27,7 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Mani
     with torch.device("meta"):
         model = VLMo(manifest.config, ctx.tp_size, ctx.tp_group)
     model.load_state_dict(tensors, strict=True, assign=True)
-    del tensors  # the model holds them now: packing below can free each original as it goes
-    model = model.to(device=ctx.device, dtype=torch.float32).fold_scales().to(dtype=DTYPES[dtype]).eval()
+    del tensors  # the model holds them now: casting and packing below can free each original as they go
+    model = model.to(device=ctx.device, dtype=torch.float32).fold_scales().set_compute_dtype(DTYPES[dtype]).eval()
     pack_for_onednn(model)
     return model

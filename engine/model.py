@@ -42,7 +42,7 @@ class Mlp(nn.Module):
         self.fc2 = RowParallelLinear(cfg.ffn_dim // tp_size, cfg.embed_dim, group, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x, gelu=True))
+        return self.fc2(self.fc1(x.to(self.fc1.weight.dtype), gelu=True))
 
 
 class Attention(nn.Module):
@@ -61,6 +61,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor], keys: KeySelection) -> torch.Tensor:
         B, N, _ = x.shape
+        x = x.to(self.qkv.weight.dtype)
         # k has no bias in VLMo: qkv bias = [q_bias, 0, v_bias]
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = linear(x, self.qkv.weight, qkv_bias)
@@ -206,6 +207,23 @@ class VLMo(nn.Module):
         # (mode, dtype, device) -> [L, h, N, N] relative-position bias, built once on first use
         self._position_bias: Dict[tuple, torch.Tensor] = {}
 
+    def set_compute_dtype(self, dtype: torch.dtype) -> "VLMo":
+        """Put the matmul weights (attention, experts, patch embedding, position table) in `dtype`.
+
+        The residual stream, LayerNorms, layer scales and task heads keep the loaded precision (fp32): in bf16
+        the residual adds lose the small per-layer updates, and the logits themselves round to steps of 1/64
+        near 2 — coarser than the top-2 margins of real VQA answers.
+        """
+        for block in self.transformer.blocks:
+            for name in ("attn", "mlp_text", "mlp_imag", "mlp_vl"):
+                if hasattr(block, name):
+                    getattr(block, name).to(dtype)
+        self.transformer.patch_embed.to(dtype)
+        self.text_embeddings.word_embeddings.to(dtype)
+        if self.cfg.relative_position_bias:
+            self.relative_position_bias_table.data = self.relative_position_bias_table.data.to(dtype)
+        return self
+
     def fold_scales(self) -> "VLMo":
         """Fold 1/√d into the q rows of qkv and the layer scales into proj and each fc2: γ ⊙ (W x + b) = (γW) x + γb."""
         for block in self.transformer.blocks:
@@ -228,7 +246,8 @@ class VLMo(nn.Module):
 
     def embed_image(self, image: torch.Tensor, token_type: int = 1) -> torch.Tensor:
         tr = self.transformer
-        patches = tr.patch_embed.proj(image.to(tr.cls_token.dtype)).flatten(2).transpose(1, 2)
+        patches = tr.patch_embed.proj(image.to(tr.patch_embed.proj.weight.dtype)).flatten(2).transpose(1, 2)
+        patches = patches.to(tr.cls_token.dtype)
         x = torch.cat((tr.cls_token.expand(patches.shape[0], -1, -1), patches), dim=1)
         if tr.pos_embed is not None:
             x = x + tr.pos_embed

@@ -1,15 +1,19 @@
-"""engine.bench on a tiny golden checkpoint: the report's fields are present and sane."""
+"""engine.bench on a tiny golden checkpoint (fields present and sane), and bf16 against fp32 on the golden VQA inputs."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from _paths import GOLDEN, needs
 from _run import run_torchrun, shard
 
 TINY = GOLDEN / "tiny_relpos_vqa"
+VQA_CASES = sorted(p.parent for p in GOLDEN.glob("tiny_*vqa*/inputs.safetensors")
+                   if (p.parent / "checkpoint.pt").is_file())
 
 
 def tiny_gflop() -> float:
@@ -65,6 +69,31 @@ def test_bench_report_fields(tiny_shards, tp: int, tmp_path: Path) -> None:
 
 @needs(TINY)
 def test_bench_weights_shrink_with_tp(tiny_shards, tmp_path: Path) -> None:
-    one = _bench(tiny_shards[1], 1, tmp_path / "tp1.json", "--dtype", "fp32")
-    two = _bench(tiny_shards[2], 2, tmp_path / "tp2.json", "--dtype", "fp32")
+    one = _bench(tiny_shards[1], 1, tmp_path / "tp1.json", "--dtype", "bf16", "--check-fp32")
+    two = _bench(tiny_shards[2], 2, tmp_path / "tp2.json", "--dtype", "bf16")
     assert max(two["weights_bytes_per_rank"]) < one["weights_bytes_per_rank"][0]
+    assert one["vs_fp32"]["top1_agreement"] == 1.0
+    assert 0 < one["vs_fp32"]["max_abs_diff"]["vqa_logits"] < 0.05
+
+
+# Every case at tp 1; at tp 2 (bf16 all-reduce) the case with the closest top-2 margin (0.013).
+BF16_CASES = [(case, 1) for case in VQA_CASES] + [(case, 2) for case in VQA_CASES if case == TINY]
+
+
+@pytest.mark.skipif(not VQA_CASES, reason="../shared/golden has no VQA model cases")
+@pytest.mark.parametrize("case_dir,tp", BF16_CASES, ids=[f"{c.name}-tp{tp}" for c, tp in BF16_CASES])
+def test_bf16_answers_equal_fp32(case_dir: Path, tp: int, tmp_path: Path) -> None:
+    """bf16 gives the published fp32 model's top-1 answer on every golden VQA question."""
+    case = json.loads((case_dir / "case.json").read_text())
+    done = shard(case_dir / "checkpoint.pt", tp, tmp_path / "shards",
+                 *([] if case["relative_position_bias"] else ["--num-heads", case["num_heads"]]))
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out.safetensors"
+    ran = run_torchrun(tp, "engine.forward", ["--shards", tmp_path / "shards", "--inputs",
+                                              case_dir / "inputs.safetensors", "--out", out, "--device", "cpu",
+                                              "--dtype", "bf16"])
+    assert ran.returncode == 0, ran.stderr
+    want = load_file(str(case_dir / "expected.safetensors"))["vqa_logits"]
+    got = load_file(str(out))["vqa_logits"]
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (got - want).abs().max().item() < 0.05  # bf16 keeps 8 bits; the residual stream and head are fp32
