@@ -10,7 +10,8 @@ from sharding.shards import Manifest, load_rank_shard, read_manifest
 
 from .distributed import ParallelContext
 from .model import VLMo
-from .parallel import pack_for_onednn
+from .parallel import FAST_ALL_REDUCE, pack_for_onednn
+from .shm_allreduce import shared_memory_all_reduce
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -30,4 +31,8 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Mani
     del tensors  # the model holds them now: casting and packing below can free each original as they go
     model = model.to(device=ctx.device, dtype=torch.float32).fold_scales().set_compute_dtype(DTYPES[dtype]).eval()
     pack_for_onednn(model)
+    if ctx.device.type == "cpu" and ctx.tp_size > 1 and ctx.tp_group not in FAST_ALL_REDUCE:
+        fast = shared_memory_all_reduce(ctx.tp_group, ctx.tp_rank, ctx.tp_size)
+        if fast is not None:
+            FAST_ALL_REDUCE[ctx.tp_group] = fast
     return model
