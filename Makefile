@@ -14,7 +14,15 @@ OUT ?= shards
 # Options of `python -m engine.demo`, e.g. DEMO_ARGS="--model tiny" (seconds) or "--device npu".
 DEMO_ARGS ?=
 
-.PHONY: install test shard verify clean demo
+# `make bench`: the scaling study (python -m engine.bench_study, about 10 min here); shorter, e.g.
+# make bench BATCHES="1 4" DTYPES=fp32. BENCH_ARGS: more options, e.g. "--threads 2 --warmup 2".
+TPS ?= 1 2
+BATCHES ?= 1 4 8
+DTYPES ?= fp32 bf16
+BENCH_ITERS ?= 3
+BENCH_ARGS ?=
+
+.PHONY: install test shard verify clean demo bench
 
 install: $(VENV)/.installed
 
@@ -29,6 +37,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m engine.bench_study --tps "$(TPS)" --batches "$(BATCHES)" --dtypes "$(DTYPES)" --iters $(BENCH_ITERS) $(BENCH_ARGS)
 
 shard: install
 	@test -n "$(CKPT)" || { echo "usage: make shard CKPT=path.pt TP=2 OUT=shards/" >&2; exit 2; }

@@ -1,0 +1,220 @@
+"""`make bench` (python -m engine.bench_study): the tensor-parallel scaling study of a full-size VLMo-base 480.
+
+1. Builds once under .cache/bench/ a random-weight VLMo-base 480 VQA checkpoint in the
+   published format and its shards at every tp of the study.
+2. For each dtype and batch size, runs `torchrun -m engine.bench` at each tp with the same
+   threads per rank (tp 1 vs tp 2 on one core each: what a second chip buys), one after
+   another so that the pair sees the same machine; optionally also tp 1 with more threads
+   (--reference-threads: the same cores used by one process instead of two).
+3. Checks bf16 against fp32 on the golden VQA inputs (same top-1 answer, logit deviation).
+4. Writes bench/report.json, bench/scaling.png and prints a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import click
+import torch
+from safetensors.torch import load_file
+
+from sharding.shards import MANIFEST
+
+from .demo_assets import build_random_checkpoint
+from .distributed import init_parallel
+from .loading import load_model
+from .plot import PALETTE, Panel, Series, draw_figure
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / "shared" / "golden"
+CHECKPOINT_NAME = "vlmo_base_patch16_480_vqa_random_seed0.pt"
+
+
+def build_assets(cache: Path, tps: Sequence[int]) -> Dict[int, Path]:
+    """The random VLMo-base 480 VQA checkpoint and its shards at each tp (kept between runs)."""
+    checkpoint = build_random_checkpoint(cache / CHECKPOINT_NAME, arch="vlmo_base_patch16", image_size=480,
+                                         task="vqa", seed=0)
+    shards = {}
+    for tp in tps:
+        out = cache / f"shards_tp{tp}"
+        if not (out / MANIFEST).is_file():
+            _run([sys.executable, "-m", "sharding", "--checkpoint", checkpoint, "--tp", tp, "--out", out,
+                  "--overwrite"])
+        shards[tp] = out
+    return shards
+
+
+def _run(cmd: List[Any]) -> None:
+    cmd = [str(c) for c in cmd]
+    click.echo("$ " + " ".join(cmd), err=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_bench(shards: Path, tp: int, dtype: str, batch: int, threads: int, warmup: int, iters: int,
+              out: Path, extra: Sequence[str] = ()) -> Dict[str, Any]:
+    """One `torchrun -m engine.bench` run; its JSON report."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", tp, "--master-port", _free_port(),
+          "-m", "engine.bench", "--shards", shards, "--device", "cpu", "--dtype", dtype, "--batch-size", batch,
+          "--threads", threads, "--warmup", warmup, "--iters", iters, "--json", out, *extra])
+    return json.loads(out.read_text())
+
+
+def golden_vqa_agreement(golden: Path = GOLDEN, dtype: str = "bf16") -> Dict[str, Dict[str, Any]]:
+    """Per golden VQA case: does `dtype` give fp32's top-1 answers, and how far apart are the logits."""
+    results = {}
+    ctx = init_parallel("cpu", 1)
+    for case in sorted(p.parent for p in golden.glob("tiny_*vqa*/inputs.safetensors")):
+        if not (case / "checkpoint.pt").is_file():
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "sharding", "--checkpoint", str(case / "checkpoint.pt"),
+                            "--tp", "1", "--out", tmp, "--overwrite", *_golden_overrides(case)],
+                           cwd=REPO, check=True, capture_output=True)
+            inputs = load_file(str(case / "inputs.safetensors"))
+            logits = {}
+            for name in ("fp32", dtype):
+                model = load_model(Path(tmp), ctx, name)
+                with torch.inference_mode():
+                    logits[name] = model.vqa(inputs["text_ids"], inputs["text_masks"], inputs["image"])[0].float()
+        top1 = logits["fp32"].argmax(-1), logits[dtype].argmax(-1)
+        first, second = logits["fp32"].topk(2, dim=-1).indices.unbind(-1)
+        rows = torch.arange(len(first))
+        results[case.name] = {
+            "questions": int(top1[0].numel()),
+            "top1_equal": bool(torch.equal(*top1)),
+            "max_abs_logit_diff": float((logits[dtype] - logits["fp32"]).abs().max()),
+            "logit_range": float(logits["fp32"].max() - logits["fp32"].min()),
+            # how close the call was: fp32's best minus second-best answer, in fp32 and in this dtype
+            "min_top2_margin_fp32": float((logits["fp32"][rows, first] - logits["fp32"][rows, second]).min()),
+            f"min_top2_margin_{dtype}": float((logits[dtype][rows, first] - logits[dtype][rows, second]).min()),
+        }
+    return results
+
+
+def _golden_overrides(case: Path) -> List[str]:
+    spec = json.loads((case / "case.json").read_text())
+    return [] if spec["relative_position_bias"] else ["--num-heads", str(spec["num_heads"])]
+
+
+def speedups(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """tp > 1 against tp 1 at the same dtype, batch and threads per rank."""
+    base = {(r["dtype"], r["batch_size"], r["threads_per_rank"]): r for r in runs if r["tp"] == 1}
+    rows = []
+    for r in runs:
+        ref = base.get((r["dtype"], r["batch_size"], r["threads_per_rank"]))
+        if r["tp"] > 1 and ref:
+            rows.append({"dtype": r["dtype"], "batch_size": r["batch_size"], "tp": r["tp"],
+                         "threads_per_rank": r["threads_per_rank"],
+                         "speedup_mean": ref["latency_ms"]["mean"] / r["latency_ms"]["mean"],
+                         "speedup_p50": ref["latency_ms"]["p50"] / r["latency_ms"]["p50"],
+                         "speedup_min": ref["latency_ms"]["min"] / r["latency_ms"]["min"],
+                         "weights_ratio": max(r["weights_bytes_per_rank"]) / max(ref["weights_bytes_per_rank"])})
+    return rows
+
+
+def table(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]]) -> str:
+    speed = {(s["dtype"], s["batch_size"], s["tp"]): s["speedup_p50"] for s in scaling}
+    head = (f"{'dtype':5} {'batch':>5} {'tp':>3} {'thr':>3} {'p50 ms':>9} {'min ms':>9} {'ms/sample':>9} "
+            f"{'samples/s':>9} {'GFLOP/s':>8} {'%peak':>6} {'allred ms':>9} {'MB/rank':>8} {'RSS MB':>7} "
+            f"{'vs tp1':>6}")
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        lat = r["latency_ms"]
+        gain = speed.get((r["dtype"], r["batch_size"], r["tp"]))
+        lines.append(
+            f"{r['dtype']:5} {r['batch_size']:>5} {r['tp']:>3} {r['threads_per_rank']:>3} {lat['p50']:>9.1f} "
+            f"{lat['min']:>9.1f} {lat['p50'] / r['batch_size']:>9.1f} {r['samples_per_s']:>9.2f} "
+            f"{r['achieved_gflop_per_s']:>8.0f} {100 * r['fraction_of_peak']:>5.0f}% "
+            f"{r['allreduce_ms_per_forward']:>9.1f} {max(r['weights_bytes_per_rank']) / 2**20:>8.0f} "
+            f"{max(r['peak_rss_bytes_per_rank']) / 2**20:>7.0f} {f'{gain:.2f}x' if gain else '':>6}")
+    return "\n".join(lines)
+
+
+def figure(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]], path: Path) -> Path:
+    """Latency and throughput against batch for each (dtype, tp), and the speed-up of tp > 1 over tp 1."""
+    batches = sorted({r["batch_size"] for r in runs})
+    base_threads = min(r["threads_per_rank"] for r in runs)
+    latency, throughput = [], []
+    def order(key: tuple) -> tuple:  # by dtype; within it tp 1, tp 2, ..., then the more-threads reference
+        dtype, tp, threads = key
+        return list(PALETTE).index(dtype) if dtype in PALETTE else 9, threads > base_threads, tp
+
+    for dtype, tp, threads in sorted({(r["dtype"], r["tp"], r["threads_per_rank"]) for r in runs}, key=order):
+        mine = [r for r in runs if (r["dtype"], r["tp"], r["threads_per_rank"]) == (dtype, tp, threads)]
+        marker = "square" if tp > 1 else "triangle" if threads > base_threads else "circle"
+        style = dict(colour=PALETTE.get(dtype, (90, 90, 90)), dashed=tp > 1, marker=marker)
+        label = f"{dtype}, tp {tp} x {threads} thread{'s' if threads > 1 else ''}"
+        latency.append(Series(label, points=[(r["batch_size"], r["latency_ms"]["p50"] / 1e3) for r in mine], **style))
+        throughput.append(Series(label, points=[(r["batch_size"], r["samples_per_s"]) for r in mine], **style))
+    gains = []
+    for dtype, tp in sorted({(s["dtype"], s["tp"]) for s in scaling}):
+        mine = [s for s in scaling if (s["dtype"], s["tp"]) == (dtype, tp)]
+        gains.append(Series(f"{dtype}, tp {tp} x {mine[0]['threads_per_rank']} thread", PALETTE.get(dtype, (90,) * 3),
+                            [(s["batch_size"], s["speedup_p50"]) for s in mine], dashed=True, marker="square"))
+    panels = [Panel("Latency per batch (p50)", "batch size", "seconds", latency, batches),
+              Panel("Throughput", "batch size", "samples / s", throughput, batches)]
+    if gains:
+        panels.append(Panel("Speed-up of tp 2 over tp 1", "batch size", "x faster (dashed: ideal)", gains, batches,
+                            reference_y=float(max(s["tp"] for s in scaling))))
+    device = runs[0]["device"].split(" (")[0]
+    return draw_figure(panels, path, f"VLMo-base 480 VQA forward, {device}: tensor-parallel scaling")
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True)
+@click.option("--cache", type=click.Path(path_type=Path), default=Path(".cache/bench"), show_default=True)
+@click.option("--tps", default="1 2", show_default=True, help="Tensor-parallel degrees, space-separated.")
+@click.option("--batches", default="1 4 8", show_default=True)
+@click.option("--dtypes", default="fp32 bf16", show_default=True)
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per rank, the same at every tp [default: cores / the largest tp].")
+@click.option("--reference-threads", type=int, default=None,
+              help="Also run tp 1 with this many threads (e.g. all cores: one process on the cores tp 2 uses).")
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--iters", type=int, default=3, show_default=True)
+def main(out_dir: Path, cache: Path, tps: str, batches: str, dtypes: str, threads: Optional[int],
+         reference_threads: Optional[int], warmup: int, iters: int) -> None:
+    """Run the scaling study and write OUT/report.json, OUT/scaling.png and OUT/runs/*.json."""
+    tp_list, batch_list, dtype_list = [int(t) for t in tps.split()], [int(b) for b in batches.split()], dtypes.split()
+    threads = threads or max(1, (os.cpu_count() or 1) // max(tp_list))
+    shards = build_assets(cache, tp_list)
+    runs = []
+    for dtype in dtype_list:
+        for batch in batch_list:
+            for tp in tp_list:
+                path = out_dir / "runs" / f"{dtype}-b{batch}-tp{tp}.json"
+                runs.append(run_bench(shards[tp], tp, dtype, batch, threads, warmup, iters, path))
+            if reference_threads and 1 in shards:
+                path = out_dir / "runs" / f"{dtype}-b{batch}-tp1-{reference_threads}threads.json"
+                runs.append(run_bench(shards[1], 1, dtype, batch, reference_threads, warmup, iters, path))
+    scaling = speedups(runs)
+    golden = {d: golden_vqa_agreement(dtype=d) for d in dtype_list if d != "fp32"} if GOLDEN.is_dir() else {}
+    report = {"runs": runs, "scaling": scaling, "golden_vs_fp32": golden,
+              "settings": {"tps": tp_list, "batches": batch_list, "dtypes": dtype_list, "threads_per_rank": threads,
+                           "reference_threads": reference_threads, "warmup": warmup, "iters": iters}}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    figure(runs, scaling, out_dir / "scaling.png")
+    click.echo(table(runs, scaling))
+    for dtype, cases in golden.items():
+        for name, g in cases.items():
+            click.echo(f"{dtype} vs fp32 on golden {name}: top-1 {'equal' if g['top1_equal'] else 'DIFFERENT'} "
+                       f"({g['questions']} questions), max |logit diff| {g['max_abs_logit_diff']:.3f} "
+                       f"(logit range {g['logit_range']:.2f}), closest top-2 margin "
+                       f"{g['min_top2_margin_fp32']:.4f} in fp32, {g[f'min_top2_margin_{dtype}']:.4f} in {dtype}")
+    click.echo(f"wrote {out_dir / 'report.json'} and {out_dir / 'scaling.png'}")
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m engine.bench_study")
