@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 SHM_DIR = "/dev/shm"
 FLAG_STRIDE = 8  # int64s: one 64-byte cache line per rank's flag
+SPIN_S, NAP_S = 1e-3, 1e-4  # wait for peers spinning for 1 ms, then in 0.1 ms naps
 
 
 class SharedMemoryAllReduce:
@@ -66,12 +67,14 @@ class SharedMemoryAllReduce:
         return True
 
     def _wait_for_peers(self) -> None:
-        deadline = None
+        start = time.monotonic()
         while int(self.flags.min()) < self.seq:
-            os.sched_yield()  # spin, but let a peer sharing this core run
-            if deadline is None:
-                deadline = time.monotonic() + self.timeout_s
-            elif time.monotonic() > deadline:
+            waited = time.monotonic() - start
+            if waited < SPIN_S:
+                os.sched_yield()  # peers usually arrive within a millisecond: spin, but let a core-mate run
+            elif waited < self.timeout_s:
+                time.sleep(NAP_S)  # a peer is descheduled or busy: stop burning the core it may need
+            else:
                 raise RuntimeError(f"tensor-parallel peers did not reach all-reduce #{self.seq} within "
                                    f"{self.timeout_s:.0f} s")
 
