@@ -14,8 +14,9 @@ OUT ?= shards
 # Options of `python -m engine.demo`, e.g. DEMO_ARGS="--model tiny" (seconds) or "--device npu".
 DEMO_ARGS ?=
 
-# `make bench`: the scaling study (python -m engine.bench_study, about 10 min here); shorter, e.g.
-# make bench BATCHES="1 4" DTYPES=fp32. BENCH_ARGS: more options, e.g. "--threads 2 --warmup 2".
+# `make bench`: the scaling study (python -m engine.bench_study, about 7 min here); shorter, e.g.
+# make bench BATCHES="1 4" DTYPES=fp32. BENCH_ARGS: more options, e.g. "--repeats 2" (keep the fastest of two
+# runs: for a shared machine) or "--reference-threads 2" (also tp 1 on both cores).
 TPS ?= 1 2
 BATCHES ?= 1 4 8
 DTYPES ?= fp32 bf16

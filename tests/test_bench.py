@@ -97,3 +97,25 @@ def test_bf16_answers_equal_fp32(case_dir: Path, tp: int, tmp_path: Path) -> Non
     got = load_file(str(out))["vqa_logits"]
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert (got - want).abs().max().item() < 0.05  # bf16 keeps 8 bits; the residual stream and head are fp32
+
+
+def _run_report(dtype: str, tp: int, batch: int, p50: float) -> dict:
+    return {"dtype": dtype, "tp": tp, "batch_size": batch, "threads_per_rank": 1, "device": "cpu: test (1 thread)",
+            "latency_ms": {"mean": p50, "p50": p50, "min": p50}, "samples_per_s": batch / (p50 / 1e3),
+            "achieved_gflop_per_s": 100.0, "fraction_of_peak": 0.5, "allreduce_ms_per_forward": 0.0,
+            "weights_bytes_per_rank": [100 // tp] * tp, "peak_rss_bytes_per_rank": [1000] * tp}
+
+
+def test_study_speedups_table_and_figure(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from engine.bench_study import figure, speedups, table
+
+    runs = [_run_report(d, tp, b, (2000.0 if tp == 1 else 1100.0) * b) for d in ("fp32", "bf16") for b in (1, 4)
+            for tp in (1, 2)]
+    scaling = speedups(runs)
+    assert len(scaling) == 4 and all(s["speedup_p50"] == pytest.approx(2000 / 1100) for s in scaling)
+    assert all(s["weights_ratio"] == 0.5 for s in scaling)
+    assert table(runs, scaling).count("1.82x") == 4
+    with Image.open(figure(runs, scaling, tmp_path / "scaling.png")) as png:
+        assert png.size[0] > 1000 and png.size[1] > 300
