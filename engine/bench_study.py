@@ -138,7 +138,7 @@ def table(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]]) -> str:
             f"{lat['min']:>9.1f} {lat['p50'] / r['batch_size']:>9.1f} {r['samples_per_s']:>9.2f} "
             f"{r['achieved_gflop_per_s']:>8.0f} {100 * r['fraction_of_peak']:>5.0f}% "
             f"{r['allreduce_ms_per_forward']:>9.1f} {max(r['weights_bytes_per_rank']) / 2**20:>8.0f} "
-            f"{max(r['peak_rss_bytes_per_rank']) / 2**20:>7.0f} {f'{gain:.2f}x' if gain else '':>6}")
+            f"{max(r['peak_rss_bytes_per_rank']) / 2**20:>7.0f} {f'{gain:.2f}x' if gain else '':>6}".rstrip())
     return "\n".join(lines)
 
 
