@@ -14,7 +14,7 @@ OUT ?= shards
 # Options of `python -m engine.demo`, e.g. DEMO_ARGS="--model tiny" (seconds) or "--device npu".
 DEMO_ARGS ?=
 
-# `make bench`: the scaling study (python -m engine.bench_study, about 7 min here); shorter, e.g.
+# `make bench`: the scaling study (python -m engine.tools.bench_study, about 7 min here); shorter, e.g.
 # make bench BATCHES="1 4" DTYPES=fp32. BENCH_ARGS: more options, e.g. "--repeats 2" (keep the fastest of two
 # runs: for a shared machine) or "--reference-threads 2" (also tp 1 on both cores).
 TPS ?= 1 2
@@ -40,7 +40,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) -m engine.bench_study --tps "$(TPS)" --batches "$(BATCHES)" --dtypes "$(DTYPES)" --iters $(BENCH_ITERS) $(BENCH_ARGS)
+	$(PY) -m engine.tools.bench_study --tps "$(TPS)" --batches "$(BATCHES)" --dtypes "$(DTYPES)" --iters $(BENCH_ITERS) $(BENCH_ARGS)
 
 shard: install
 	@test -n "$(CKPT)" || { echo "usage: make shard CKPT=path.pt TP=2 OUT=shards/" >&2; exit 2; }

@@ -21,14 +21,14 @@ import click
 import numpy as np
 import torch
 
-from sharding.shards import read_manifest
+from .runtime.shards import read_manifest
 
-from .cli import Engine, engine_options, one_line_errors
-from .config import VLMoConfig
-from .distributed import ParallelContext, barrier, gather_objects, init_parallel, synchronize
+from .tasks.cli import Engine, engine_options, one_line_errors
+from .runtime.config import VLMoConfig
+from .runtime.distributed import ParallelContext, barrier, gather_objects, init_parallel, synchronize
 from .forward import TASK_INPUTS, pick_task, run_task
-from .loading import DTYPES, default_dtype, load_model
-from .parallel import CommTimer
+from .runtime.loading import DTYPES, default_dtype, load_model
+from .runtime.parallel import CommTimer
 
 CLS, SEP = 101, 102  # bert-base-uncased [CLS], [SEP]
 QUESTION_TOKENS = (6, 17)  # VQAv2 questions are ~6-16 WordPiece tokens with [CLS] and [SEP]

@@ -18,7 +18,7 @@ from typing import List
 import click
 
 from .data.vqav2 import ANSWER_TABLE, read_answer_table
-from .demo_assets import build_random_checkpoint, build_synthetic_vqav2
+from .tools.demo_assets import build_random_checkpoint, build_synthetic_vqav2
 
 # A 64-wide, 2-layer model at 64×64 pixels: the same pipeline in seconds (tests, a first look).
 TINY = dict(embed_dim=64, depth=2, num_heads=4, vlffn_start_layer_index=1)

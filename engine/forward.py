@@ -15,9 +15,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .cli import UsageError, engine_options, one_line_errors, start_engine
-from .config import VLMoConfig
-from .model import VLMo
+from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
+from .runtime.config import VLMoConfig
+from .runtime.model import VLMo
 
 TASK_INPUTS = {
     "vqa": ("text_ids", "text_masks", "image"),

@@ -14,16 +14,16 @@ from typing import Any, Callable, Dict, List, Optional
 import click
 import torch
 
-from sharding.shards import read_manifest
+from .runtime.shards import read_manifest
 
-from .cli import UsageError, engine_options, one_line_errors, start_engine
+from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .data.datasets import NLVR2Dataset
 from .data.text import TextTokenizer
-from .evaluation import Batch, EvalStats, Record, evaluate
-from .frontend import checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
-from .metrics import nlvr2_accuracy
-from .model import VLMo
-from .results import read_results, write_json_atomic
+from .tasks.evaluation import Batch, EvalStats, Record, evaluate
+from .tasks.frontend import checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
+from .tasks.metrics import nlvr2_accuracy
+from .runtime.model import VLMo
+from .tasks.results import read_results, write_json_atomic
 
 KEY = ("identifier", "question_index")
 ANSWERS = ("False", "True")  # class 0, class 1 of the NLVR2 head, as the arrow's `answers` spell them

@@ -3,7 +3,7 @@
 Two passes through the tensor-parallel model, each spread over the data-parallel groups by the shared
 evaluation loop: every image of the split alone, then every caption alone (DESIGN.md §3). Rank 0 gathers the
 L2-normalised embeddings, scores every image against every caption (image · text, fp32, on the CPU) and
-computes recall@1/5/10 both ways as the published `compute_irtr_recall` does (engine.metrics).
+computes recall@1/5/10 both ways as the published `compute_irtr_recall` does (engine.tasks.metrics).
 
 An image that does not decode is never replaced: it is reported in the summary and left out of the gallery
 together with its captions, so the recalls are those of the images that decoded and their own captions.
@@ -17,17 +17,17 @@ import click
 import numpy as np
 import torch
 
-from sharding.shards import read_manifest
+from .runtime.shards import read_manifest
 
-from .cli import UsageError, engine_options, one_line_errors, start_engine
+from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .data.datasets import KarpathyImageDataset, KarpathyTextDataset
 from .data.text import TextTokenizer
-from .embeddings import Gallery, save_embeddings
-from .evaluation import Batch, Record, evaluate
-from .frontend import latency_rows, print_table, run_info, run_title
-from .metrics import retrieval_recall
-from .model import VLMo
-from .results import write_json_atomic
+from .tasks.embeddings import Gallery, save_embeddings
+from .tasks.evaluation import Batch, Record, evaluate
+from .tasks.frontend import latency_rows, print_table, run_info, run_title
+from .tasks.metrics import retrieval_recall
+from .runtime.model import VLMo
+from .tasks.results import write_json_atomic
 
 DATASETS = {"coco": "COCO", "f30k": "Flickr30k"}
 

@@ -14,18 +14,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import click
 import torch
 
-from sharding.shards import read_manifest
+from .runtime.shards import read_manifest
 
-from .cli import UsageError, engine_options, one_line_errors, start_engine
+from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .data.datasets import VQADataset
 from .data.raw import DataError
 from .data.text import TextTokenizer
 from .data.vqav2 import ANSWER_TABLE, read_answer_table
-from .evaluation import Batch, EvalStats, Record, evaluate
-from .frontend import Row, checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
-from .metrics import hit_rate, question_vqa_score, vqa_score
-from .model import VLMo
-from .results import read_results, write_json_atomic
+from .tasks.evaluation import Batch, EvalStats, Record, evaluate
+from .tasks.frontend import Row, checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
+from .tasks.metrics import hit_rate, question_vqa_score, vqa_score
+from .runtime.model import VLMo
+from .tasks.results import read_results, write_json_atomic
 
 # Splits published without answers: no score, an EvalAI submission instead.
 TEST_SPLITS = ("test", "test-dev")

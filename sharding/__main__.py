@@ -7,9 +7,9 @@ from typing import Optional
 import click
 
 from .checkpoint import read_checkpoint
-from .errors import ShardingError
+from engine.runtime.errors import ShardingError
 from .infer import ConfigError, infer_config, select_weights
-from .plan import check_degree, plan_table
+from engine.runtime.plan import check_degree, plan_table
 from .shards import write_shards
 
 

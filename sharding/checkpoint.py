@@ -24,7 +24,8 @@ from typing import Any, Dict, Iterable, List, Set
 
 import torch
 
-from .errors import ShardingError
+from engine.runtime.errors import ShardingError
+from engine.runtime.shards import sha256_file
 
 # Non-torch globals that real checkpoints carry as pure data containers.
 INERT_CONTAINERS: Dict[str, type] = {
@@ -51,14 +52,6 @@ class Checkpoint:
     state_dict: Dict[str, torch.Tensor]
     hyper_parameters: Dict[str, Any]
     sha256: str
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pickle_globals(data: bytes) -> Set[str]:

@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from engine.config import ARCH_PRESETS, INIT_TEXT_LEN, PATCH_SIZE, VLMoConfig
+from engine.runtime.config import ARCH_PRESETS, INIT_TEXT_LEN, PATCH_SIZE, VLMoConfig
 
-from .plan import full_shapes
+from engine.runtime.plan import full_shapes
 
 # CLI option that overrides each inferred field.
 OVERRIDE_FLAGS = {

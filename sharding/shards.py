@@ -1,4 +1,4 @@
-"""Per-rank safetensors shard files and the manifest that describes them.
+"""Write per-rank safetensors shard files and their manifest (the format is engine.runtime.shards).
 
 Layout of a shard directory:
     manifest.json               format version, model config, tp, source sha256, per-file sha256 + tensor specs
@@ -11,38 +11,16 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from engine.config import VLMoConfig
-
-from .checkpoint import sha256_file
-from .errors import ShardingError
-from .plan import check_degree, local_shapes, merge_tensor, shard_tensor
-
-MANIFEST = "manifest.json"
-FORMAT = "vlmo-tp-shards"
-FORMAT_VERSION = 1
-
-
-def shard_file_name(rank: int, tp: int) -> str:
-    return f"rank-{rank:02d}-of-{tp:02d}.safetensors"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    config: VLMoConfig
-    tp: int
-    source: Dict[str, Any]
-    files: List[Dict[str, Any]]
-
-    def file_for(self, rank: int) -> Dict[str, Any]:
-        return self.files[rank]
+from engine.runtime.config import VLMoConfig
+from engine.runtime.errors import ShardingError
+from engine.runtime.plan import check_degree, shard_tensor
+from engine.runtime.shards import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, sha256_file, shard_file_name
 
 
 def write_shards(weights: Mapping[str, torch.Tensor], cfg: VLMoConfig, tp: int, out_dir: Path,
@@ -98,81 +76,6 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, out_dir)
-
-
-def read_manifest(shard_dir: Path) -> Manifest:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardingError(path, "no manifest here: is this a directory written by `python -m sharding`?")
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT:
-            raise ShardingError(path, f"not a {FORMAT} manifest")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ShardingError(path, f"format version {data.get('format_version')} is not supported "
-                                      f"(this engine reads version {FORMAT_VERSION}); re-shard the checkpoint")
-        manifest = Manifest(config=VLMoConfig.from_dict(data["config"]), tp=int(data["tp"]),
-                            source=data.get("source", {}), files=list(data["files"]))
-    except ShardingError:
-        raise
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ShardingError(path, f"malformed manifest ({type(exc).__name__}: {exc})") from None
-    if [f.get("rank") for f in manifest.files] != list(range(manifest.tp)):
-        raise ShardingError(path, f"the manifest should list one file per rank 0..{manifest.tp - 1}")
-    return manifest
-
-
-def _check_file(shard_dir: Path, manifest: Manifest, rank: int, check_hash: bool = True) -> Path:
-    entry = manifest.file_for(rank)
-    path = Path(shard_dir) / entry["file"]
-    if not path.is_file():
-        raise ShardingError(path, f"rank {rank}'s shard file is missing")
-    if check_hash and sha256_file(path) != entry["sha256"]:
-        raise ShardingError(path, "sha256 does not match the manifest: the file was changed or damaged; re-shard")
-    expected = local_shapes(manifest.config, manifest.tp)
-    listed = {k: tuple(v["shape"]) for k, v in entry["tensors"].items()}
-    if listed != expected:
-        raise ShardingError(path, "the manifest's tensor list does not match the sharding plan for its config")
-    return path
-
-
-def _check_tensors(path: Path, tensors: Mapping[str, Any], expected: Mapping[str, tuple]) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ShardingError(path, f"tensor names differ from the plan (missing {missing[:4]}, unexpected {extra[:4]})")
-    for name, shape in expected.items():
-        if tuple(tensors[name]) != tuple(shape):
-            raise ShardingError(path, f"{name} has shape {tuple(tensors[name])}, the plan says {tuple(shape)}")
-
-
-def load_rank_shard(shard_dir: Path, rank: int, tp: int,
-                    manifest: Optional[Manifest] = None) -> Dict[str, torch.Tensor]:
-    """This rank's tensors, after checking the manifest's tp, the file's hash and every shape.
-
-    Only this rank's own file is opened.
-    """
-    manifest = manifest or read_manifest(shard_dir)
-    if manifest.tp != tp:
-        raise ShardingError(Path(shard_dir) / MANIFEST,
-                            f"the shards were cut for tp={manifest.tp} but the tensor-parallel group has {tp} "
-                            f"ranks; launch with a multiple of {manifest.tp} processes or re-shard with --tp {tp}")
-    path = _check_file(shard_dir, manifest, rank)
-    tensors = load_file(str(path))
-    _check_tensors(path, {k: v.shape for k, v in tensors.items()}, local_shapes(manifest.config, tp))
-    return tensors
-
-
-def verify_shards(shard_dir: Path) -> Manifest:
-    """Check a shard directory without running the model: every file present, hashed and shaped as planned."""
-    manifest = read_manifest(shard_dir)
-    check_degree(manifest.config, manifest.tp)
-    for rank in range(manifest.tp):
-        path = _check_file(shard_dir, manifest, rank)
-        with safe_open(str(path), framework="pt") as handle:
-            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-        _check_tensors(path, shapes, local_shapes(manifest.config, manifest.tp))
-    return manifest
 
 
 def merge_shards(shard_dir: Path) -> Dict[str, torch.Tensor]:

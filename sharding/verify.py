@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from .errors import ShardingError
-from .shards import verify_shards
+from engine.runtime.errors import ShardingError
+from engine.runtime.shards import verify_shards
 
 
 @click.command()

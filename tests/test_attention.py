@@ -1,10 +1,10 @@
-"""Attention with padded keys left out (engine.attention) against a plain masked softmax, written out here."""
+"""Attention with padded keys left out (engine.runtime.attention) against a plain masked softmax, written out here."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.attention import attend, select_keys
+from engine.runtime.attention import attend, select_keys
 
 
 def _reference(q, k, v, bias, key_mask, scale):

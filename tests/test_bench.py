@@ -109,7 +109,7 @@ def _run_report(dtype: str, tp: int, batch: int, p50: float) -> dict:
 def test_study_speedups_table_and_figure(tmp_path: Path) -> None:
     from PIL import Image
 
-    from engine.bench_study import figure, speedups, table
+    from engine.tools.bench_study import figure, speedups, table
 
     runs = [_run_report(d, tp, b, (2000.0 if tp == 1 else 1100.0) * b) for d in ("fp32", "bf16") for b in (1, 4)
             for tp in (1, 2)]

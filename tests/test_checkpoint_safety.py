@@ -13,7 +13,7 @@ import torch
 from _paths import GOLDEN
 from _run import shard
 from sharding.checkpoint import read_checkpoint
-from sharding.errors import ShardingError
+from engine.runtime.errors import ShardingError
 
 LIGHTNING_CASE = GOLDEN / "tiny_relpos_vqa" / "checkpoint.pt"
 needs_golden = pytest.mark.skipif(not LIGHTNING_CASE.is_file(), reason="golden checkpoint not present")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import VLMoConfig
+from engine.runtime.config import VLMoConfig
 from sharding.infer import ConfigError, infer_config
-from sharding.plan import check_degree, full_shapes
+from engine.runtime.plan import check_degree, full_shapes
 
 
 def _weights(cfg: VLMoConfig) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.demo_assets import (
+from engine.tools.demo_assets import (
     arch_spec,
     build_random_checkpoint,
     build_synthetic_vqav2,

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from engine.distributed import ParallelContext
-from engine.evaluation import dp_share, evaluate
+from engine.runtime.distributed import ParallelContext
+from engine.tasks.evaluation import dp_share, evaluate
 
 
 @pytest.mark.parametrize("dp_size", [1, 2, 3, 4])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from _paths import GOLDEN
 from _run import run_torchrun, shard
-from sharding.shards import read_manifest
+from engine.runtime.shards import read_manifest
 
 CASES = sorted(p.parent for p in GOLDEN.glob("*/expected.safetensors") if (p.parent / "checkpoint.pt").is_file())
 TOLERANCE = 1e-4  # golden/README.md: fp32, any tensor-parallel degree

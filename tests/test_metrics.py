@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.metrics import (
+from engine.tasks.metrics import (
     LatencyStats,
     hit_rate,
     nlvr2_accuracy,

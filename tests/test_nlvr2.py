@@ -20,7 +20,7 @@ from _run import invoke_refused, run_module, run_torchrun, shard
 from engine.data.image import load_image
 from engine.data.text import TextTokenizer
 from engine.nlvr2 import main as nlvr2_main
-from engine.results import read_results
+from engine.tasks.results import read_results
 
 CHECKPOINT = GOLDEN / "tiny_relpos_nlvr2" / "checkpoint.pt"
 IMAGE_SIZE = 64  # the checkpoint's

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.results import DuplicateKeyError, ResultsWriter, read_results, write_json_atomic, write_safetensors_atomic
+from engine.tasks.results import DuplicateKeyError, ResultsWriter, read_results, write_json_atomic, write_safetensors_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_recorded_lines_survive_a_kill(tmp_path):
     path = tmp_path / "results.jsonl"
     script = (
         "import os, signal\n"
-        "from engine.results import ResultsWriter\n"
+        "from engine.tasks.results import ResultsWriter\n"
         f"w = ResultsWriter({str(path)!r})\n"
         "w.append([{'question_id': i} for i in range(5)])\n"
         "w.append([{'question_id': 5}])\n"

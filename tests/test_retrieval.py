@@ -12,8 +12,8 @@ import torch
 from _datatools import read_arrow
 from _paths import GOLDEN, needs
 from _run import invoke_refused, run_torchrun, shard
-from engine.embeddings import Gallery, load_embeddings
-from engine.metrics import RECALL_KS, retrieval_recall
+from engine.tasks.embeddings import Gallery, load_embeddings
+from engine.tasks.metrics import RECALL_KS, retrieval_recall
 from engine.retrieval import main as retrieval_main
 
 ARROW = GOLDEN / "coco_arrow_published"

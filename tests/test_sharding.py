@@ -10,10 +10,11 @@ import torch
 from _paths import GOLDEN
 from _run import run_module, run_torchrun, shard
 from sharding.checkpoint import read_checkpoint
-from sharding.errors import ShardingError
+from engine.runtime.errors import ShardingError
 from sharding.infer import infer_config, select_weights
-from sharding.plan import shard_tensor
-from sharding.shards import load_rank_shard, merge_shards, read_manifest
+from engine.runtime.plan import shard_tensor
+from engine.runtime.shards import load_rank_shard, read_manifest
+from _shards import merge_shards
 
 CASE = GOLDEN / "tiny_relpos_vqa"
 needs_golden = pytest.mark.skipif(not (CASE / "checkpoint.pt").is_file(), reason="golden checkpoint not present")

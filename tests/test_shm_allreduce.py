@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.shm_allreduce import shared_memory_all_reduce
+from engine.runtime.shm_allreduce import shared_memory_all_reduce
 
 WORLD = 3
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _run import run_torchrun, shard
-from engine.config import VLMoConfig
-from sharding.plan import full_shapes
+from engine.runtime.config import VLMoConfig
+from engine.runtime.plan import full_shapes
 
 BASE = dict(embed_dim=48, depth=3, num_heads=6, vlffn_start_layer_index=2, image_size=48, vocab_size=200,
             layer_scale=True, vqa_labels=7, nlvr2=True, retrieval=True, num_token_types=3)

@@ -15,10 +15,10 @@ import pytest
 from _datatools import read_arrow
 from _paths import GOLDEN, needs
 from _run import invoke_refused, run_torchrun, shard, start_torchrun
-from engine.metrics import vqa_score
-from engine.results import read_results
-from engine.cli import UsageError
-from engine.frontend import open_results
+from engine.tasks.metrics import vqa_score
+from engine.tasks.results import read_results
+from engine.tasks.cli import UsageError
+from engine.tasks.frontend import open_results
 from engine.vqa import main as vqa_main
 
 ARROW = GOLDEN / "vqav2_arrow_published"

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Tuple, Union
 import torch
 from PIL import Image, ImageDraw
 
-from .config import ARCH_PRESETS, INIT_TEXT_LEN, MLP_RATIO, PATCH_SIZE
+from ..runtime.config import ARCH_PRESETS, INIT_TEXT_LEN, MLP_RATIO, PATCH_SIZE
 
 PathLike = Union[str, os.PathLike]
 

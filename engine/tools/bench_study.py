@@ -1,4 +1,4 @@
-"""`make bench` (python -m engine.bench_study): the tensor-parallel scaling study of a full-size VLMo-base 480.
+"""`make bench` (python -m engine.tools.bench_study): the tensor-parallel scaling study of a full-size VLMo-base 480.
 
 1. Builds once under .cache/bench/ a random-weight VLMo-base 480 VQA checkpoint in the
    published format and its shards at every tp of the study.
@@ -24,14 +24,14 @@ import click
 import torch
 from safetensors.torch import load_file
 
-from sharding.shards import MANIFEST
+from ..runtime.shards import MANIFEST
 
 from .demo_assets import build_random_checkpoint
-from .distributed import init_parallel
-from .loading import load_model
+from ..runtime.distributed import init_parallel
+from ..runtime.loading import load_model
 from .plot import PALETTE, Panel, Series, draw_figure
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO.parent / "shared" / "golden"
 CHECKPOINT_NAME = "vlmo_base_patch16_480_vqa_random_seed0.pt"
 
@@ -227,4 +227,4 @@ def main(out_dir: Path, cache: Path, tps: str, batches: str, dtypes: str, thread
 
 
 if __name__ == "__main__":
-    main(prog_name="python -m engine.bench_study")
+    main(prog_name="python -m engine.tools.bench_study")

@@ -12,13 +12,13 @@ import click
 import torch
 import torch.distributed as dist
 
-from sharding.errors import ShardingError
-from sharding.shards import Manifest, read_manifest
+from ..runtime.errors import ShardingError
+from ..runtime.shards import Manifest, read_manifest
 
-from .data.raw import DataError
-from .distributed import LaunchError, ParallelContext, init_parallel, shutdown
-from .loading import DTYPES, default_dtype, load_model
-from .model import VLMo
+from ..data.raw import DataError
+from ..runtime.distributed import LaunchError, ParallelContext, init_parallel, shutdown
+from ..runtime.loading import DTYPES, default_dtype, load_model
+from ..runtime.model import VLMo
 
 
 class UsageError(ValueError):

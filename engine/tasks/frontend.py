@@ -7,10 +7,10 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import click
 
-from sharding.shards import Manifest
+from ..runtime.shards import Manifest
 
 from .cli import Engine, UsageError
-from .distributed import ParallelContext, broadcast_object
+from ..runtime.distributed import ParallelContext, broadcast_object
 from .results import ResultsWriter, read_results
 
 Row = Tuple[str, str]

@@ -34,7 +34,7 @@ class CommTimer:
         return cls.seconds, cls.calls
 
 
-# group -> its faster all-reduce (engine.shm_allreduce for CPU ranks on one host), set up by the loader
+# group -> its faster all-reduce (engine.runtime.shm_allreduce for CPU ranks on one host), set up by the loader
 FAST_ALL_REDUCE: Dict[Optional[dist.ProcessGroup], Callable[[torch.Tensor], bool]] = {}
 
 

@@ -6,7 +6,7 @@ from typing import Dict
 
 import torch
 
-from sharding.shards import Manifest, load_rank_shard, read_manifest
+from .shards import Manifest, load_rank_shard, read_manifest
 
 from .distributed import ParallelContext
 from .model import VLMo

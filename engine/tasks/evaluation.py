@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import click
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data.datasets import collate
-from .distributed import ParallelContext, gather_objects, synchronize
+from ..data.datasets import collate
+from ..runtime.distributed import ParallelContext, gather_objects, synchronize
 from .metrics import LatencyStats
 
 Batch = Dict[str, Any]

@@ -10,7 +10,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from engine.config import VLMoConfig
+from .config import VLMoConfig
 
 Shape = Tuple[int, ...]
 
