@@ -1,7 +1,8 @@
 """`torchrun --nproc N -m engine.forward`: run the sharded model on a safetensors file of input tensors.
 
 Inputs are named as in golden/*/inputs.safetensors (text_ids, text_masks and image, or
-image_0 and image_1 for NLVR2); rank 0 writes the outputs named as in
+image_0 and image_1 for NLVR2; a BEiT-3 checkpoint takes padding_mask, 1 on padding, instead
+of text_masks, as golden/beit3 and the published beit3 code do); rank 0 writes the outputs named as in
 golden/*/expected.safetensors. The debugging tool: compare any checkpoint
 against a reference implementation tensor by tensor.
 """
@@ -24,6 +25,15 @@ TASK_INPUTS = {
     "nlvr2": ("text_ids", "text_masks", "image_0", "image_1"),
     "irtr": ("text_ids", "text_masks", "image"),
 }
+TEXT_INPUTS = ("text_ids", "text_masks", "padding_mask")
+
+
+def task_inputs(cfg: VLMoConfig, task: str) -> tuple:
+    """The input tensors of a task for the checkpoint's family."""
+    names = TASK_INPUTS[task]
+    if cfg.family == "beit3":
+        return tuple("padding_mask" if name == "text_masks" else name for name in names)
+    return names
 
 
 def pick_task(cfg: VLMoConfig, requested: Optional[str]) -> str:
@@ -43,23 +53,28 @@ def read_inputs(path: Path, task: str, cfg: VLMoConfig) -> Dict[str, torch.Tenso
         tensors = load_file(str(path))
     except (SafetensorError, OSError, FileNotFoundError) as exc:
         raise UsageError(f"{path}: cannot read as safetensors ({exc})") from None
-    missing = [name for name in TASK_INPUTS[task] if name not in tensors]
+    names = task_inputs(cfg, task)
+    missing = [name for name in names if name not in tensors]
     if missing:
         raise UsageError(f"{path}: missing input tensors {missing} for task {task} (has {sorted(tensors)})")
     T, S = cfg.max_text_len, cfg.image_size
     batch = tensors["text_ids"].shape[0]
-    for name in TASK_INPUTS[task]:
+    for name in names:
         tensor = tensors[name]
-        expected = (batch, T) if name.startswith("text_") else (batch, 3, S, S)
+        expected = (batch, T) if name in TEXT_INPUTS else (batch, 3, S, S)
         if tuple(tensor.shape) != expected:
             raise UsageError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {expected}")
-        if name.startswith("text_") and tensor.dtype not in (torch.int64, torch.int32):
+        if name in TEXT_INPUTS and tensor.dtype not in (torch.int64, torch.int32):
             raise UsageError(f"{path}: {name} must be an integer tensor, got {tensor.dtype}")
-    return {name: tensors[name] for name in TASK_INPUTS[task]}
+    if "padding_mask" in names and not bool(((tensors["padding_mask"] == 0) | (tensors["padding_mask"] == 1)).all()):
+        raise UsageError(f"{path}: padding_mask must hold 0 (token) and 1 (padding) only")
+    return {name: tensors[name] for name in names}
 
 
 def run_task(model: VLMo, task: str, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Outputs named as in golden/*/expected.safetensors."""
+    if "padding_mask" in inputs:  # BEiT-3's convention; the models take text_masks, 1 on real tokens
+        inputs = {**inputs, "text_masks": 1 - inputs["padding_mask"]}
     if task == "vqa":
         logits, pooled = model.vqa(inputs["text_ids"], inputs["text_masks"], inputs["image"])
         return {"vqa_logits": logits, "cls_feats": pooled}
@@ -73,8 +88,8 @@ def run_task(model: VLMo, task: str, inputs: Dict[str, torch.Tensor]) -> Dict[st
 @click.command()
 @engine_options
 @click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path),
-              help="safetensors with text_ids, text_masks (int, [B, T]) and image ([B, 3, S, S], normalised), "
-                   "or image_0 and image_1 for NLVR2.")
+              help="safetensors with text_ids, text_masks (int, [B, T]; BEiT-3: padding_mask, 1 on padding) and "
+                   "image ([B, 3, S, S], normalised), or image_0 and image_1 for NLVR2.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="safetensors to write (rank 0): vqa_logits + cls_feats, nlvr2_logits, "
                    "or text_feats + image_feats.")

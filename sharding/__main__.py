@@ -8,9 +8,13 @@ import click
 
 from .checkpoint import read_checkpoint
 from engine.runtime.errors import ShardingError
+from .beit3_infer import infer_beit3_config, is_beit3
 from .infer import ConfigError, infer_config, select_weights
 from engine.runtime.plan import check_degree, plan_table
 from .shards import write_shards
+
+
+FAMILY_NAMES = {"vlmo": "VLMo", "beit3": "BEiT-3"}
 
 
 def _plan_help() -> str:
@@ -19,10 +23,10 @@ def _plan_help() -> str:
 
 @click.command(epilog="Sharding plan (first match wins):\n\n\b\n" + _plan_help())
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
-              help="Published VLMo checkpoint (.pt / .ckpt). Read without executing any pickle code.")
+              help="Published VLMo (.pt / .ckpt) or BEiT-3 (.pth) checkpoint. Read without executing any pickle code.")
 @click.option("--tp", required=True, type=int, help="Tensor-parallel degree: number of shards to cut.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--num-heads", type=int, help="Attention heads, when the checkpoint cannot tell (no relative table).")
+@click.option("--num-heads", type=int, help="Attention heads, when the checkpoint cannot tell (no relative table; BEiT-3 of an unpublished size).")
 @click.option("--image-size", type=int, help="Input image size, when the checkpoint cannot tell.")
 @click.option("--max-text-len", type=int, help="Text length, when the checkpoint cannot tell.")
 @click.option("--vl-start-layer", type=int, help="First layer with a vision-language expert.")
@@ -33,7 +37,8 @@ def main(checkpoint: Path, tp: int, out_dir: Path, num_heads: Optional[int], ima
     try:
         ckpt = read_checkpoint(checkpoint)
         try:
-            cfg = infer_config(ckpt.state_dict, ckpt.hyper_parameters, {
+            infer = infer_beit3_config if is_beit3(ckpt.state_dict) else infer_config
+            cfg = infer(ckpt.state_dict, ckpt.hyper_parameters, {
                 "num_heads": num_heads, "image_size": image_size,
                 "max_text_len": max_text_len, "vlffn_start_layer_index": vl_start_layer})
             check_degree(cfg, tp)
@@ -47,7 +52,7 @@ def main(checkpoint: Path, tp: int, out_dir: Path, num_heads: Optional[int], ima
     except ShardingError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {manifest.tp} shards of a {cfg.depth}-layer, {cfg.embed_dim}-wide, {cfg.num_heads}-head "
-               f"VLMo ({', '.join(cfg.tasks) or 'backbone only'}; image {cfg.image_size}) to {out_dir}")
+               f"{FAMILY_NAMES[cfg.family]} ({', '.join(cfg.tasks) or 'backbone only'}; image {cfg.image_size}) to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,16 @@ import torch
 from engine.runtime.errors import ShardingError
 from engine.runtime.shards import sha256_file
 
+class _InertNamespace(dict):
+    """Stands in for argparse.Namespace (beit3's `save_model` stores its arguments so): its attributes, as items."""
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.update(state)
+
+
 # Non-torch globals that real checkpoints carry as pure data containers.
 INERT_CONTAINERS: Dict[str, type] = {
+    "argparse.Namespace": _InertNamespace,
     "pytorch_lightning.utilities.parsing.AttributeDict": dict,
     "lightning.pytorch.utilities.parsing.AttributeDict": dict,
     "lightning_fabric.utilities.data.AttributeDict": dict,
@@ -172,7 +180,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShardingError(path, f"not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from None
     state_dict = _find_state_dict(path, obj)
-    hyper = _plain(obj.get("hyper_parameters", {})) if isinstance(obj, dict) else {}
+    # Lightning's hyper_parameters (VLMo), else the argparse arguments beit3 saves under `args`
+    hyper = _plain(obj.get("hyper_parameters", obj.get("args", {}))) if isinstance(obj, dict) else {}
     if isinstance(hyper, dict) and isinstance(hyper.get("config"), dict):
         hyper = hyper["config"]
     return Checkpoint(state_dict=state_dict, hyper_parameters=hyper if isinstance(hyper, dict) else {},

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional
 
 PATCH_SIZE = 16
 MLP_RATIO = 4
@@ -29,6 +29,8 @@ ARCH_PRESETS: Dict[str, Dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class VLMoConfig:
+    family: ClassVar[str] = "vlmo"  # not a field: VLMo manifests carry no family (engine.runtime.families)
+
     embed_dim: int
     depth: int
     num_heads: int

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Union
 
 import torch
 
+from .beit3_config import BEiT3Config
 from .shards import Manifest, load_rank_shard, read_manifest
 
 from .distributed import ParallelContext
+from .beit3 import BEiT3
 from .model import VLMo
 from .parallel import FAST_ALL_REDUCE, pack_for_onednn
 from .shm_allreduce import shared_memory_all_reduce
@@ -21,12 +23,20 @@ def default_dtype(device: torch.device) -> str:
     return "fp32" if device.type == "cpu" else "fp16"
 
 
-def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Manifest = None) -> VLMo:
-    """This rank's VLMo, weights checked against the manifest, in `dtype` on ctx.device, ready for inference."""
+def _empty_model(manifest: Manifest, ctx: ParallelContext) -> Union[VLMo, BEiT3]:
+    """The manifest's model family, this rank's slice of it, on the meta device."""
+    with torch.device("meta"):
+        if isinstance(manifest.config, BEiT3Config):
+            return BEiT3(manifest.config, ctx.tp_size, ctx.tp_group, ctx.tp_rank)
+        return VLMo(manifest.config, ctx.tp_size, ctx.tp_group)
+
+
+def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Manifest = None) -> Union[VLMo, BEiT3]:
+    """This rank's VLMo or BEiT-3 (as the manifest says), weights checked against the manifest, in `dtype` on
+    ctx.device, ready for inference."""
     manifest = manifest or read_manifest(shard_dir)
     tensors = load_rank_shard(shard_dir, ctx.tp_rank, ctx.tp_size, manifest)
-    with torch.device("meta"):
-        model = VLMo(manifest.config, ctx.tp_size, ctx.tp_group)
+    model = _empty_model(manifest, ctx)
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors  # the model holds them now: casting and packing below can free each original as they go
     model = model.to(device=ctx.device, dtype=torch.float32).fold_scales().set_compute_dtype(DTYPES[dtype]).eval()

@@ -10,10 +10,12 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from . import beit3_config
 from .config import VLMoConfig
 
 Shape = Tuple[int, ...]
 
+_B3 = r"beit3\.encoder\.layers\.\d+\."
 # (pattern, rule, why) — the first matching pattern wins; unmatched tensors are replicated.
 PLAN: Tuple[Tuple[str, str, str], ...] = (
     (r"transformer\.blocks\.\d+\.attn\.qkv\.weight", "qkv_heads", "column-parallel: this rank's heads of q, k and v"),
@@ -22,6 +24,14 @@ PLAN: Tuple[Tuple[str, str, str], ...] = (
     (r"relative_position_bias_table", "table_heads", "this rank's heads of every layer"),
     (r"transformer\.blocks\.\d+\.mlp_(text|imag|vl)\.fc1\.(weight|bias)", "rows", "column-parallel FFN"),
     (r"transformer\.blocks\.\d+\.mlp_(text|imag|vl)\.fc2\.weight", "columns", "row-parallel FFN; fc2.bias added once"),
+    # BEiT-3 (both Multiway experts, .A image and .B text, alike)
+    (_B3 + r"self_attn\.(q_proj|k_proj|v_proj)\.[AB]\.(weight|bias)", "rows", "column-parallel: this rank's heads"),
+    (_B3 + r"self_attn\.inner_attn_ln\.[AB]\.(weight|bias)", "rows",
+     "Sub-LN over this rank's heads; mean and variance reduced across ranks"),
+    (_B3 + r"self_attn\.out_proj\.[AB]\.weight", "columns", "row-parallel over heads; out_proj.bias added once"),
+    (_B3 + r"ffn\.[AB]\.(fc1|ffn_layernorm)\.(weight|bias)", "rows",
+     "column-parallel FFN; Sub-LN statistics reduced across ranks"),
+    (_B3 + r"ffn\.[AB]\.fc2\.weight", "columns", "row-parallel FFN; fc2.bias added once"),
 )
 _COMPILED = tuple((re.compile(pattern), rule) for pattern, rule, _ in PLAN)
 
@@ -47,6 +57,8 @@ def check_degree(cfg: VLMoConfig, tp: int) -> None:
 
 def full_shapes(cfg: VLMoConfig) -> Dict[str, Shape]:
     """Every tensor the engine needs from a checkpoint of this config, with its published shape."""
+    if cfg.family == beit3_config.FAMILY:
+        return beit3_config.full_shapes(cfg)
     D, F, L = cfg.embed_dim, cfg.ffn_dim, cfg.depth
     shapes: Dict[str, Shape] = {
         "transformer.cls_token": (1, 1, D),

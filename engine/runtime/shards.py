@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .config import VLMoConfig
+from .families import ModelConfig, config_from_dict
 from .errors import ShardingError
 from .plan import check_degree, local_shapes
 
@@ -40,7 +40,7 @@ def shard_file_name(rank: int, tp: int) -> str:
 
 @dataclass(frozen=True)
 class Manifest:
-    config: VLMoConfig
+    config: ModelConfig
     tp: int
     source: Dict[str, Any]
     files: List[Dict[str, Any]]
@@ -60,7 +60,7 @@ def read_manifest(shard_dir: Path) -> Manifest:
         if data.get("format_version") != FORMAT_VERSION:
             raise ShardingError(path, f"format version {data.get('format_version')} is not supported "
                                       f"(this engine reads version {FORMAT_VERSION}); re-shard the checkpoint")
-        manifest = Manifest(config=VLMoConfig.from_dict(data["config"]), tp=int(data["tp"]),
+        manifest = Manifest(config=config_from_dict(data["config"]), tp=int(data["tp"]),
                             source=data.get("source", {}), files=list(data["files"]))
     except ShardingError:
         raise
