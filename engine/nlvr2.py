@@ -18,7 +18,7 @@ from .runtime.shards import read_manifest
 
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .data.datasets import NLVR2Dataset
-from .data.text import TextTokenizer
+from .tasks.tokenizers import make_tokenizer, tokenizer_option
 from .tasks.evaluation import Batch, EvalStats, Record, evaluate
 from .tasks.frontend import checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
 from .tasks.metrics import nlvr2_accuracy
@@ -80,6 +80,7 @@ def summarize(records: List[Record]) -> Dict[str, Any]:
               help="dev or test1 (or train, balanced_dev, ...: any nlvr2_SPLIT.arrow).")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
+@tokenizer_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Sentences (image pairs) per forward pass of each model copy.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
@@ -93,7 +94,8 @@ def summarize(records: List[Record]) -> Dict[str, Any]:
               help="Summary JSON (accuracy, latency, image errors) [default: beside --out, .summary.json].")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-         arrow_dir: Path, split: str, vocab: Optional[Path], batch_size: int, num_workers: int,
+         arrow_dir: Path, split: str, vocab: Optional[Path],
+         tokenizer_path: Optional[Path], batch_size: int, num_workers: int,
          limit: Optional[int], out_path: Optional[Path], summary_path: Optional[Path]) -> None:
     """Judge the sentences of one NLVR2 split with the sharded checkpoint in SHARDS; report accuracy and latency."""
     out_path = out_path or Path("results") / f"nlvr2_{split}.jsonl"
@@ -104,7 +106,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     if not cfg.nlvr2:
         raise UsageError(f"{shard_dir}: the checkpoint has no NLVR2 head (nlvr2_classifier); "
                          f"shard an NLVR2 fine-tuned checkpoint such as vlmo_base_patch16_384_nlvr2.pt")
-    dataset = NLVR2Dataset(arrow_dir, split, TextTokenizer(vocab, cfg.max_text_len), cfg.image_size)
+    dataset = NLVR2Dataset(arrow_dir, split, make_tokenizer(cfg, tokenizer_path, vocab), cfg.image_size)
     keys = dataset.keys()[:limit]
 
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)

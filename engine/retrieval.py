@@ -21,8 +21,8 @@ from .runtime.shards import read_manifest
 
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .data.datasets import KarpathyImageDataset, KarpathyTextDataset
-from .data.text import TextTokenizer
 from .tasks.embeddings import Gallery, save_embeddings
+from .tasks.tokenizers import make_tokenizer, tokenizer_option
 from .tasks.evaluation import Batch, Record, evaluate
 from .tasks.frontend import latency_rows, print_table, run_info, run_title
 from .tasks.metrics import retrieval_recall
@@ -98,6 +98,7 @@ def image_errors(images: List[Record], captions: KarpathyTextDataset, n_captions
 @click.option("--split", default="test", show_default=True, help="test or val (or any Karpathy split written).")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
+@tokenizer_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images, then captions, per forward pass of each model copy.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
@@ -111,7 +112,8 @@ def image_errors(images: List[Record], captions: KarpathyTextDataset, n_captions
               help="Also write the normalised image and caption embeddings with their ids (safetensors).")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-         arrow_dir: Path, dataset: str, split: str, vocab: Optional[Path], batch_size: int, num_workers: int,
+         arrow_dir: Path, dataset: str, split: str, vocab: Optional[Path],
+         tokenizer_path: Optional[Path], batch_size: int, num_workers: int,
          limit: Optional[int], summary_path: Optional[Path], embeddings_path: Optional[Path]) -> None:
     """Image→text and text→image recall@1/5/10 of the sharded checkpoint in SHARDS on one Karpathy split."""
     summary_path = summary_path or Path("results") / f"retrieval_{dataset}_{split}.summary.json"
@@ -122,7 +124,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         raise UsageError(f"{shard_dir}: the checkpoint has no retrieval head (itc_text_proj, itc_image_proj); "
                          f"shard a retrieval fine-tuned checkpoint such as vlmo_base_patch16_384_coco.pt")
     images = KarpathyImageDataset(arrow_dir, dataset, split, cfg.image_size)
-    captions = KarpathyTextDataset(arrow_dir, dataset, split, TextTokenizer(vocab, cfg.max_text_len))
+    captions = KarpathyTextDataset(arrow_dir, dataset, split, make_tokenizer(cfg, tokenizer_path, vocab))
     n_images = min(len(images), limit or len(images))
     if not n_images:
         raise UsageError(f"{dataset} {split}: the split has no images")

@@ -19,8 +19,8 @@ from .runtime.shards import read_manifest
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .data.datasets import VQADataset
 from .data.raw import DataError
-from .data.text import TextTokenizer
 from .data.vqav2 import ANSWER_TABLE, read_answer_table
+from .tasks.tokenizers import make_tokenizer, tokenizer_option
 from .tasks.evaluation import Batch, EvalStats, Record, evaluate
 from .tasks.frontend import Row, checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
 from .tasks.metrics import hit_rate, question_vqa_score, vqa_score
@@ -117,6 +117,7 @@ def table_rows(summary: Dict[str, Any]) -> List[Row]:
               help="Label → answer table, one JSON object per line [default: DATA/answer2label.txt].")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
+@tokenizer_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Questions per forward pass of each model copy.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
@@ -132,7 +133,8 @@ def table_rows(summary: Dict[str, Any]) -> List[Row]:
               help="EvalAI submission for test/test-dev [default: beside --out, .submission.json].")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-         arrow_dir: Path, split: str, answers_path: Optional[Path], vocab: Optional[Path], batch_size: int,
+         arrow_dir: Path, split: str, answers_path: Optional[Path], vocab: Optional[Path],
+         tokenizer_path: Optional[Path], batch_size: int,
          num_workers: int, limit: Optional[int], out_path: Optional[Path], summary_path: Optional[Path],
          submission_path: Optional[Path]) -> None:
     """Answer the questions of one VQAv2 split with the sharded checkpoint in SHARDS; report accuracy and latency."""
@@ -144,7 +146,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     # Everything a user can get wrong is checked before the model loads or a file is written.
     cfg = read_manifest(shard_dir).config
     answers = answer_table(answers_path or arrow_dir / ANSWER_TABLE, cfg.vqa_labels, shard_dir)
-    dataset = VQADataset(arrow_dir, split, TextTokenizer(vocab, cfg.max_text_len), cfg.image_size)
+    dataset = VQADataset(arrow_dir, split, make_tokenizer(cfg, tokenizer_path, vocab), cfg.image_size)
     question_ids = dataset.question_ids()[:limit]
 
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)

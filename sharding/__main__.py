@@ -23,10 +23,13 @@ def _plan_help() -> str:
 
 @click.command(epilog="Sharding plan (first match wins):\n\n\b\n" + _plan_help())
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
-              help="Published VLMo (.pt / .ckpt) or BEiT-3 (.pth) checkpoint. Read without executing any pickle code.")
+              help="Published VLMo (.pt / .ckpt) or BEiT-3 (.pth) checkpoint. Read without executing any pickle "
+                   "code.")
 @click.option("--tp", required=True, type=int, help="Tensor-parallel degree: number of shards to cut.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--num-heads", type=int, help="Attention heads, when the checkpoint cannot tell (no relative table; BEiT-3 of an unpublished size).")
+@click.option("--num-heads", type=int,
+              help="Attention heads, when the checkpoint cannot tell (VLMo without a relative table; BEiT-3 of an "
+                   "unpublished size).")
 @click.option("--image-size", type=int, help="Input image size, when the checkpoint cannot tell.")
 @click.option("--max-text-len", type=int, help="Text length, when the checkpoint cannot tell.")
 @click.option("--vl-start-layer", type=int, help="First layer with a vision-language expert.")
@@ -52,7 +55,8 @@ def main(checkpoint: Path, tp: int, out_dir: Path, num_heads: Optional[int], ima
     except ShardingError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {manifest.tp} shards of a {cfg.depth}-layer, {cfg.embed_dim}-wide, {cfg.num_heads}-head "
-               f"{FAMILY_NAMES[cfg.family]} ({', '.join(cfg.tasks) or 'backbone only'}; image {cfg.image_size}) to {out_dir}")
+               f"{FAMILY_NAMES[cfg.family]} ({', '.join(cfg.tasks) or 'backbone only'}; image {cfg.image_size}) "
+               f"to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""BEiT-3's text tokenisation: SentencePiece pieces through XLM-R's id mapping, as the published beit3 does it.
+
+beit3 builds transformers' `XLMRobertaTokenizer` on its `beit3.spm`, then per text: `tokenize` (the
+SentencePiece pieces), `convert_tokens_to_ids`, truncation to `max_len - 2`, `<s>` + ids + `</s>`, padding
+with `<pad>`, and `padding_mask` 1 on padding. XLM-R's ids are fairseq's: `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3,
+and every other piece's SentencePiece id plus one; SentencePiece's own unknown (id 0) becomes `<unk>`.
+The `sentencepiece` library reproduces the pieces exactly; the model file is the user's, never downloaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Sequence, Union
+
+import torch
+
+from .raw import DataError
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+FAIRSEQ_OFFSET = 1
+
+
+class SentencePieceTokenizer:
+    """Texts to ``text_ids``, ``padding_mask`` (1 on padding) and ``text_masks`` (1 on tokens), int64 [B, max_len]."""
+
+    def __init__(self, model: Union[str, Path], max_len: int = 64) -> None:
+        import sentencepiece  # only BEiT-3 needs it
+
+        path = Path(model)
+        if not path.is_file():
+            raise DataError(f"missing SentencePiece model {path}")
+        if max_len < 2:
+            raise ValueError(f"max_len must leave room for <s> and </s>, got {max_len}")
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as exc:
+            raise DataError(f"{path}: not a SentencePiece model ({str(exc).strip().splitlines()[0]})") from None
+        self.model, self.max_len = path, max_len
+
+    def ids(self, text: str) -> list:
+        """<s>, the XLM-R ids of the text's pieces (cut to max_len - 2), </s>; no padding."""
+        pieces = self._sp.encode(text)[: self.max_len - 2]
+        return [BOS] + [p + FAIRSEQ_OFFSET if p != self._sp.unk_id() else UNK for p in pieces] + [EOS]
+
+    def __call__(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        ids = torch.full((len(texts), self.max_len), PAD, dtype=torch.int64)
+        padding = torch.ones((len(texts), self.max_len), dtype=torch.int64)
+        for row, text in enumerate(texts):
+            tokens = self.ids(text)
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+            padding[row, :len(tokens)] = 0
+        return {"text_ids": ids, "padding_mask": padding, "text_masks": 1 - padding}

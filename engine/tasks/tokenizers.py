@@ -1,0 +1,34 @@
+"""The text tokenizer a task front end uses: the checkpoint family's (VLMo: WordPiece, BEiT-3: SentencePiece)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import click
+
+from ..data.raw import DataError
+from ..data.spm import SentencePieceTokenizer
+from ..data.text import TextTokenizer
+from ..runtime.families import ModelConfig
+
+Tokenizer = Union[TextTokenizer, SentencePieceTokenizer]
+
+
+def tokenizer_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--tokenizer: the checkpoint family's tokenizer file."""
+    return click.option(
+        "--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
+        help="BEiT-3: its SentencePiece model (beit3.spm; required). VLMo: a WordPiece vocabulary, like --vocab "
+             "[default: bert-base-uncased, shipped with the engine].")(command)
+
+
+def make_tokenizer(cfg: ModelConfig, tokenizer_path: Optional[Path], vocab: Optional[Path]) -> Tokenizer:
+    """The tokenizer for checkpoints of cfg's family, padding to its text length."""
+    if cfg.family == "beit3":
+        if tokenizer_path is None:
+            raise DataError("BEiT-3 checkpoints read text through the SentencePiece model they were trained with: "
+                            "pass --tokenizer beit3.spm")
+        return SentencePieceTokenizer(tokenizer_path, cfg.max_text_len)
+    if tokenizer_path is not None and vocab is not None:
+        raise DataError("pass the WordPiece vocabulary once, with --tokenizer or --vocab")
+    return TextTokenizer(tokenizer_path or vocab, cfg.max_text_len)
