@@ -29,8 +29,11 @@ from .runtime.distributed import ParallelContext, barrier, gather_objects, init_
 from .forward import TASK_INPUTS, pick_task, run_task
 from .runtime.loading import DTYPES, default_dtype, load_model
 from .runtime.parallel import CommTimer
+from .runtime.subln import SubLNTimer
 
-CLS, SEP = 101, 102  # bert-base-uncased [CLS], [SEP]
+# (first, last, padding, lowest ordinary id) of a question's tokens: bert-base-uncased's [CLS], [SEP], [PAD];
+# BEiT-3's XLM-R <s>, </s>, <pad> (ids 0-3 are special)
+TEXT_IDS = {"vlmo": (101, 102, 0, 1000), "beit3": (0, 2, 1, 4)}
 QUESTION_TOKENS = (6, 17)  # VQAv2 questions are ~6-16 WordPiece tokens with [CLS] and [SEP]
 PEAK_SIZE = 2048
 
@@ -61,9 +64,10 @@ def synthetic_inputs(cfg: VLMoConfig, task: str, batch: int, device: torch.devic
     T, S = cfg.max_text_len, cfg.image_size
     lengths = torch.randint(QUESTION_TOKENS[0], min(QUESTION_TOKENS[1], T) + 1, (batch,), generator=gen)
     masks = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(1000, cfg.vocab_size, (batch, T), generator=gen) * masks
-    ids[:, 0] = CLS
-    ids[torch.arange(batch), lengths - 1] = SEP
+    first, last, pad, lowest = TEXT_IDS[cfg.family]
+    ids = torch.randint(lowest, cfg.vocab_size, (batch, T), generator=gen).masked_fill(masks == 0, pad)
+    ids[:, 0] = first
+    ids[torch.arange(batch), lengths - 1] = last
     tensors = {"text_ids": ids, "text_masks": masks}
     for name in TASK_INPUTS[task][2:]:
         tensors[name] = torch.rand(batch, 3, S, S, generator=gen) * 2 - 1
@@ -135,6 +139,7 @@ def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], war
         run_task(engine.model, task, inputs)
     seconds = []
     comm_before, calls_before = CommTimer.total()
+    subln_before, _ = SubLNTimer.total()
     for _ in range(iters):
         barrier(engine.ctx)  # start together: the slowest rank is the latency
         synchronize(engine.ctx.device)
@@ -143,7 +148,9 @@ def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], war
         synchronize(engine.ctx.device)
         seconds.append(time.perf_counter() - start)
     comm_after, calls_after = CommTimer.total()
-    return {"seconds": seconds, "comm_s": comm_after - comm_before, "comm_calls": calls_after - calls_before}
+    subln_after, _ = SubLNTimer.total()
+    return {"seconds": seconds, "comm_s": comm_after - comm_before, "comm_calls": calls_after - calls_before,
+            "subln_s": subln_after - subln_before}
 
 
 def compare_fp32(shard_dir: Path, engine: Engine, task: str, inputs: Dict[str, torch.Tensor],
@@ -180,7 +187,8 @@ def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optio
     accuracy = compare_fp32(shard_dir, engine, task, inputs, run_task(model, task, inputs)) \
         if check_fp32 and dtype != "fp32" else None
     mine = {
-        "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"], "peak": peak,
+        "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"],
+        "subln_s": timed["subln_s"], "peak": peak,
         "load_s": load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes(model.parameters()),
         "position_bias": _module_bytes(model.cached_position_biases()),
     }
@@ -202,7 +210,7 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig
         "tp": ctx.tp_size, "world_size": ctx.world_size, "threads_per_rank": torch.get_num_threads(),
         "batch_size": batch_size, "dtype": dtype, "task": task, "device": device_name(ctx.device),
         "torch": torch.__version__, "warmup": warmup, "iters": iters,
-        "model": {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
+        "model": {"family": cfg.family, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
                   "image_size": cfg.image_size, "tokens": cfg.max_text_len + cfg.num_image_tokens},
         "latency_ms": latency,
         "latency_ms_per_sample": latency["mean"] / batch_size,
@@ -218,6 +226,8 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig
         "load_s_per_rank": [r["load_s"] for r in ranks],
         "allreduce_ms_per_forward": 1e3 * max(r["comm_s"] for r in ranks) / iters,
         "allreduce_calls_per_forward": ranks[0]["comm_calls"] / iters,
+        # BEiT-3: the share of the all-reduce time spent on the Sub-LN statistics (0 for VLMo)
+        "subln_allreduce_ms_per_forward": 1e3 * max(r["subln_s"] for r in ranks) / iters,
     }
     if accuracy is not None:
         report["vs_fp32"] = accuracy
@@ -230,7 +240,9 @@ def summary_line(report: Dict[str, Any]) -> str:
             f"{report['dtype']}: {lat['mean']:.1f} ms mean (p50 {lat['p50']:.1f}, min {lat['min']:.1f}), "
             f"{report['samples_per_s']:.2f} samples/s, {report['achieved_gflop_per_s']:.0f} of "
             f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%), "
-            f"all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward")
+            f"all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward"
+            + (f" (Sub-LN statistics {report['subln_allreduce_ms_per_forward']:.1f})"
+               if report["subln_allreduce_ms_per_forward"] else ""))
 
 
 @click.command()

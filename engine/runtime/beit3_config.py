@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
+from .config import ModelConfigBase
+
 Shape = Tuple[int, ...]
 
 FAMILY = "beit3"
@@ -21,7 +23,7 @@ PREFIX = "beit3."
 
 
 @dataclass(frozen=True)
-class BEiT3Config:
+class BEiT3Config(ModelConfigBase):
     family: ClassVar[str] = FAMILY
 
     embed_dim: int
@@ -39,41 +41,8 @@ class BEiT3Config:
     nlvr2: bool = False
     retrieval: bool = False
 
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_image_tokens(self) -> int:
-        """W² patches + the CLS token."""
-        return self.grid ** 2 + 1
-
-    @property
-    def tasks(self) -> tuple:
-        found = []
-        if self.vqa_labels:
-            found.append("vqa")
-        if self.nlvr2:
-            found.append("nlvr2")
-        if self.retrieval:
-            found.append("irtr")
-        return tuple(found)
-
     def to_dict(self) -> Dict[str, Any]:
         return {"family": FAMILY, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "BEiT3Config":
-        data = {k: v for k, v in data.items() if k != "family"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown BEiT-3 config fields: {', '.join(unknown)}")
-        return cls(**data)
 
 
 def _multiway(name: str, params: Dict[str, Shape]) -> Dict[str, Shape]:

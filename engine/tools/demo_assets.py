@@ -200,10 +200,15 @@ def build_random_checkpoint(
         "state_dict": state_dict,
         "hyper_parameters": {"config": config},
     }
+    return save_atomic(checkpoint, path)
+
+
+def save_atomic(obj: Any, path: Path) -> Path:
+    """torch.save under a temporary name, then rename: an existing file at `path` is always complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(checkpoint, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
