@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .runtime.config import VLMoConfig
+from .runtime.families import ModelConfig
 from .runtime.model import VLMo
 
 TASK_INPUTS = {
@@ -28,7 +29,7 @@ TASK_INPUTS = {
 TEXT_INPUTS = ("text_ids", "text_masks", "padding_mask")
 
 
-def task_inputs(cfg: VLMoConfig, task: str) -> tuple:
+def task_inputs(cfg: ModelConfig, task: str) -> tuple:
     """The input tensors of a task for the checkpoint's family."""
     names = TASK_INPUTS[task]
     if cfg.family == "beit3":

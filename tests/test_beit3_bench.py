@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from _paths import GOLDEN, needs
-from _run import run_torchrun, shard
+from _paths import needs
+from _beit3 import BEIT3, cut
+from _run import run_torchrun
 from engine.tools.beit3_assets import build_random_beit3, random_config
 from sharding.beit3_infer import infer_beit3_config
 from sharding.checkpoint import read_checkpoint
 from sharding.infer import select_weights
 
-TINY = GOLDEN / "beit3" / "tiny_beit3_vqa"
+TINY = BEIT3 / "tiny_beit3_vqa"
 
 
 def _bench(shards: Path, tp: int, out: Path, *extra: object) -> dict:
@@ -27,8 +28,7 @@ def _bench(shards: Path, tp: int, out: Path, *extra: object) -> dict:
 @needs(TINY)
 def test_bench_counts_subln_allreduces(tmp_path: Path) -> None:
     for tp in (1, 2):
-        done = shard(TINY / "checkpoint.pth", tp, tmp_path / f"tp{tp}", "--num-heads", 4)
-        assert done.returncode == 0, done.stderr
+        cut(TINY.name, tp, tmp_path / f"tp{tp}")
     two = _bench(tmp_path / "tp2", 2, tmp_path / "tp2.json", "--dtype", "fp32")
     assert two["model"]["family"] == "beit3" and two["task"] == "vqa"
     # per layer (4): after out_proj, after fc2, and one statistics reduction per Sub-LN

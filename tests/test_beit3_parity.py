@@ -10,30 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _paths import GOLDEN, needs
+from _paths import needs
 from _run import run_torchrun
-from engine.runtime.beit3_config import BEiT3Config
-from engine.runtime.plan import check_degree
-from sharding.beit3_infer import infer_beit3_config
-from sharding.checkpoint import read_checkpoint
-from sharding.infer import select_weights
-from sharding.shards import write_shards
+from _beit3 import BEIT3, cut
 
-BEIT3 = GOLDEN / "beit3"
 CASES = sorted(p.parent for p in BEIT3.glob("tiny_beit3_*/expected.safetensors"))
 TOLERANCE = 1e-4
 TASKS = {"vqa": "vqa", "nlvr2": "nlvr2", "retrieval": "irtr"}
-
-
-def cut(case_dir: Path, tp: int, out: Path) -> BEiT3Config:
-    """Shard a case in-process (the CLI's own path is covered by test_beit3_sharding and the VQA pipeline)."""
-    case = json.loads((case_dir / "case.json").read_text())
-    ckpt = read_checkpoint(case_dir / "checkpoint.pth")
-    cfg = infer_beit3_config(ckpt.state_dict, ckpt.hyper_parameters, {"num_heads": case["architecture"]["num_heads"]})
-    check_degree(cfg, tp)
-    weights, _ = select_weights(ckpt.state_dict, cfg)
-    write_shards(weights, cfg, tp, out, source={"file": case_dir.name, "sha256": ckpt.sha256})
-    return cfg
 
 
 @needs(BEIT3)
@@ -43,7 +26,7 @@ def test_every_case_matches_published_outputs(tp: int, tmp_path: Path) -> None:
     args, outs = [], {}
     for case_dir in CASES:
         case = json.loads((case_dir / "case.json").read_text())
-        cfg = cut(case_dir, tp, tmp_path / case_dir.name)
+        cfg = cut(case_dir.name, tp, tmp_path / case_dir.name)
         arch = case["architecture"]
         assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.ffn_dim, cfg.vocab_size, cfg.image_size,
                 cfg.max_text_len) == tuple(arch[k] for k in ("embed_dim", "depth", "num_heads", "ffn_dim",

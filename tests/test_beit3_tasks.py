@@ -10,14 +10,14 @@ from safetensors.torch import load_file, save_file
 
 from _datatools import read_arrow
 from _paths import GOLDEN, needs
-from _run import run_module, run_torchrun, shard
+from _beit3 import BEIT3, cut
+from _run import run_module, run_torchrun
 from engine.data.image import load_image
 from engine.data.spm import SentencePieceTokenizer
 from engine.tasks.embeddings import load_embeddings
 from engine.tasks.results import read_results
 from test_nlvr2 import DEV, KEYS, _image_path, build_raw
 
-BEIT3 = GOLDEN / "beit3"
 SPM = BEIT3 / "tokenizer.spm"
 COCO = GOLDEN / "coco_arrow_published"
 IMAGE_SIZE = 64
@@ -26,8 +26,7 @@ pytestmark = [needs(BEIT3), needs(COCO)]
 
 
 def _shards(case: str, tp: int, out: Path) -> Path:
-    done = shard(BEIT3 / case / "checkpoint.pth", tp, out, "--num-heads", 4)
-    assert done.returncode == 0, done.stderr
+    cut(case, tp, out)
     return out
 
 
