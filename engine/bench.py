@@ -10,7 +10,6 @@ compares like with like. Rank 0 prints a summary and writes the JSON.
 """
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import time
@@ -21,6 +20,7 @@ import click
 import numpy as np
 import torch
 
+from .atomic import write_json
 from .runtime.shards import read_manifest
 
 from .tasks.cli import Engine, engine_options, one_line_errors
@@ -254,8 +254,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     if report:
         click.echo(summary_line(report))
         if json_path:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=1) + "\n")
+            write_json(json_path, report, indent=1)
 
 
 if __name__ == "__main__":

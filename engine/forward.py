@@ -13,8 +13,9 @@ from typing import Dict, Optional
 import click
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .atomic import write_safetensors
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .runtime.config import VLMoConfig
 from .runtime.model import VLMo
@@ -89,10 +90,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     inputs = {k: v.to(engine.ctx.device) for k, v in read_inputs(inputs_path, task, engine.manifest.config).items()}
     outputs = run_task(engine.model, task, inputs)
     if engine.ctx.is_main:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".partial")
-        save_file({k: v.float().cpu().contiguous() for k, v in outputs.items()}, str(tmp))
-        tmp.replace(out_path)
+        write_safetensors(out_path, {k: v.float().cpu().contiguous() for k, v in outputs.items()})
         click.echo(f"wrote {', '.join(f'{k} {list(v.shape)}' for k, v in outputs.items())} to {out_path}")
 
 

@@ -23,7 +23,8 @@ from .tasks.evaluation import Batch, EvalStats, Record, evaluate
 from .tasks.frontend import checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
 from .tasks.metrics import nlvr2_accuracy
 from .runtime.model import VLMo
-from .tasks.results import read_results, write_json_atomic
+from .atomic import write_json
+from .tasks.results import read_results
 
 KEY = ("identifier", "question_index")
 ANSWERS = ("False", "True")  # class 0, class 1 of the NLVR2 head, as the arrow's `answers` spell them
@@ -122,7 +123,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
                "latency": stats.latency_summary(),
                "run": {"sentences": stats.samples, "wall_s": stats.wall_s,
                        **run_info(engine, shard_dir, batch_size)}}
-    write_json_atomic(summary_path, summary, indent=1)
+    write_json(summary_path, summary, indent=1)
     accuracy = "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f}"
     print_table(run_title(f"NLVR2 {split}", summary["run"]), [
         ("sentences", f"{summary['sentences']} recorded ({stats.samples} this run)"),

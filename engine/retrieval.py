@@ -27,7 +27,7 @@ from .tasks.evaluation import Batch, Record, evaluate
 from .tasks.frontend import latency_rows, print_table, run_info, run_title
 from .tasks.metrics import retrieval_recall
 from .runtime.model import VLMo
-from .tasks.results import write_json_atomic
+from .atomic import write_json
 
 DATASETS = {"coco": "COCO", "f30k": "Flickr30k"}
 
@@ -160,7 +160,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         "embeddings": str(embeddings_path) if embeddings_path else None,
         "run": {"wall_s": sum(s.wall_s for s in stats.values()), **run},
     }
-    write_json_atomic(summary_path, summary, indent=1)
+    write_json(summary_path, summary, indent=1)
 
     def recall_row(prefix: str) -> str:
         return "  ".join(f"R@{k} {100 * recalls[f'{prefix}_r{k}']:.2f}" for k in (1, 5, 10))

@@ -25,7 +25,8 @@ from .tasks.evaluation import Batch, EvalStats, Record, evaluate
 from .tasks.frontend import Row, checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
 from .tasks.metrics import hit_rate, question_vqa_score, vqa_score
 from .runtime.model import VLMo
-from .tasks.results import read_results, write_json_atomic
+from .atomic import write_json
+from .tasks.results import read_results
 
 # Splits published without answers: no score, an EvalAI submission instead.
 TEST_SPLITS = ("test", "test-dev")
@@ -164,11 +165,11 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     if not scored:
         submission = [{"question_id": r["question_id"], "answer": r["answer"]}
                       for r in records if "image_error" not in r]
-        write_json_atomic(submission_path, submission)
+        write_json(submission_path, submission)
         summary["submission"] = str(submission_path)
     summary["latency"] = stats.latency_summary()
     summary["run"] = {"questions": stats.samples, "wall_s": stats.wall_s, **run_info(engine, shard_dir, batch_size)}
-    write_json_atomic(summary_path, summary, indent=1)
+    write_json(summary_path, summary, indent=1)
     print_table(run_title(f"VQAv2 {split}", summary["run"]), [*table_rows(summary), ("summary", str(summary_path))])
 
 

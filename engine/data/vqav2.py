@@ -114,7 +114,7 @@ def _image_path(root: Path, split: str, image_id: int) -> Path:
     return root / folder / f"COCO_{folder}_{image_id:012d}.jpg"
 
 
-def write_vqav2(root: Path, out: Path) -> dict:
+def write_vqav2(root: Path, out: Path, overwrite: bool = False) -> dict:
     """Write vqav2_{train,val,trainable_val,rest_val,test,test-dev}.arrow and answer2label.txt.
 
     Returns the number of rows per file written.
@@ -141,14 +141,15 @@ def write_vqav2(root: Path, out: Path) -> dict:
         )
 
     cut = max(len(rows["val"]) - REST_VAL_ROWS, 0)
+    # Each output file of a split with the row indices it takes from that split.
+    split_parts = {split: {split_filename("vqav2", split): range(len(split_rows))} for split, split_rows in rows.items()}
+    split_parts["val"][split_filename("vqav2", "trainable_val")] = range(0, cut)
+    split_parts["val"][split_filename("vqav2", "rest_val")] = range(cut, len(rows["val"]))
+    names = [name for parts in split_parts.values() for name in parts] + [ANSWER_TABLE]
     counts = {}
-    with staged_outputs(out) as outputs:
+    with staged_outputs(out, names, overwrite) as outputs:
         for split, split_rows in rows.items():
-            # Each output file with the row indices it takes from this split.
-            parts = {split_filename("vqav2", split): range(len(split_rows))}
-            if split == "val":
-                parts[split_filename("vqav2", "trainable_val")] = range(0, cut)
-                parts[split_filename("vqav2", "rest_val")] = range(cut, len(split_rows))
+            parts = split_parts[split]
             schema = LABELLED_SCHEMA if split in ANNOTATION_FILES else TEST_SCHEMA
             sinks = {name: outputs.arrow(name, schema) for name in parts}
             counts.update({name: len(indices) for name, indices in parts.items()})

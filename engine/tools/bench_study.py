@@ -24,8 +24,8 @@ import click
 import torch
 from safetensors.torch import load_file
 
+from ..atomic import write_json
 from ..runtime.shards import MANIFEST
-
 from .demo_assets import build_random_checkpoint
 from ..runtime.distributed import init_parallel
 from ..runtime.loading import load_model
@@ -214,7 +214,7 @@ def main(out_dir: Path, cache: Path, tps: str, batches: str, dtypes: str, thread
               "settings": {"tps": tp_list, "batches": batch_list, "dtypes": dtype_list, "threads_per_rank": threads,
                            "reference_threads": reference_threads, "repeats": repeats, "warmup": warmup,
                            "iters": iters}}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out_dir / "report.json", report, indent=1)
     figure(runs, scaling, out_dir / "scaling.png")
     click.echo(table(runs, scaling))
     for dtype, cases in golden.items():
