@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from _datatools import read_arrow, write_file
+from _faults import overflowing_shards
 from _paths import GOLDEN, needs
 from _run import invoke_refused, run_module, run_torchrun, shard
 from engine.data.image import load_image
@@ -193,3 +194,11 @@ def test_bad_inputs_are_refused_before_any_work(case: str, setup: dict, tmp_path
         fragment = "no NLVR2 head"
     invoke_refused(nlvr2_main, args, fragment)
     assert not out.exists()
+
+
+def test_a_non_finite_output_is_an_error_naming_the_sentences_never_a_prediction(setup: dict, tmp_path: Path) -> None:
+    shards = overflowing_shards(CHECKPOINT, ["nlvr2_classifier.3.weight"], tmp_path)
+    out = tmp_path / "dev.jsonl"
+    invoke_refused(nlvr2_main, [*_args(setup, out), "--shards", shards, "--num-workers", 0],
+                   "not finite", f"identifier {KEYS[0][0]}, question_index 0")
+    assert read_results(out) == []

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _datatools import read_arrow
+from _faults import overflowing_shards
 from _paths import GOLDEN, needs
 from _run import invoke_refused, run_torchrun, shard
 from engine.tasks.embeddings import Gallery, load_embeddings
@@ -160,3 +161,17 @@ def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_pat
         fragment = "no retrieval head"
     invoke_refused(retrieval_main, args, fragment)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_non_finite_embedding_is_an_error_naming_the_images(tmp_path: Path) -> None:
+    shards = overflowing_shards(CHECKPOINT, ["itc_image_proj.fc.weight"], tmp_path)
+    first = read_arrow(ARROW / TEST_SPLIT).column("image_id")[0].as_py()
+    invoke_refused(retrieval_main, [*_args(shards, tmp_path, ARROW), "--num-workers", 0], "not finite",
+                   f"image_id {first}")
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_an_unwritable_embeddings_path_is_refused_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    invoke_refused(retrieval_main, [*_args(tmp_path / "no-shards", tmp_path, ARROW), "--save-embeddings",
+                                    tmp_path / "file" / "e.safetensors"], "--save-embeddings", "is a file")

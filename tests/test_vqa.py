@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pytest
 
 from _datatools import read_arrow
+from _faults import overflowing_shards
 from _paths import GOLDEN, needs
 from _run import invoke_refused, run_torchrun, shard, start_torchrun
 from engine.tasks.metrics import vqa_score
@@ -233,3 +234,29 @@ def test_results_of_another_checkpoint_are_not_continued(tmp_path: Path) -> None
     with pytest.raises(UsageError, match="another checkpoint"):
         open_results(out, "bbbb")
     open_results(out, "aaaa").close()  # the same checkpoint continues
+
+
+def test_a_non_finite_output_is_an_error_naming_the_questions_never_an_answer(tmp_path: Path) -> None:
+    shards = overflowing_shards(CHECKPOINT, ["vqa_classifier.3.weight"], tmp_path)
+    out = tmp_path / "results.jsonl"
+    first = read_arrow(ARROW / "vqav2_val.arrow").column("question_id").to_pylist()[0][0]
+    invoke_refused(vqa_main, [*_args(shards, out, ARROW), "--num-workers", 0], "not finite", f"question_id {first}")
+    assert read_results(out) == []
+
+
+@pytest.mark.parametrize("case", ["under a file", "read-only folder", "a folder", "submission under a file"])
+def test_unwritable_outputs_are_refused_before_any_work(case: str, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    out, extra, option = tmp_path / "file" / "results.jsonl", [], "--out"
+    if case == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out = tmp_path / "ro" / "results.jsonl"
+    elif case == "a folder":
+        out = Path(".")
+    elif case == "submission under a file":
+        out, extra, option = tmp_path / "results.jsonl", ["--split", "test", "--submission", tmp_path / "file" / "s"], \
+            "--submission"
+    # --shards does not exist: the outputs are checked first, before anything is read.
+    invoke_refused(vqa_main, [*_args(tmp_path / "no-shards", out, ARROW), *extra], option)
