@@ -25,7 +25,7 @@ from .runtime.shards import read_manifest
 from .tasks.cli import UsageError, engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.embeddings import Gallery, save_embeddings
 from .tasks.evaluation import Record, evaluate
-from .tasks.frontend import (Step, latency_rows, print_table, run_info, run_title, summary_option,
+from .tasks.frontend import (Step, latency_rows, per_sample_step, print_table, run_info, run_title, summary_option,
                              task_options)
 from .tasks.metrics import retrieval_recall
 

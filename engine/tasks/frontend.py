@@ -130,12 +130,12 @@ def per_sample_step(run: Callable[[Dict[str, torch.Tensor]], torch.Tensor], name
     def step(batch: Batch) -> List[Record]:
         ok = batch.get("image_ok")
         ok = torch.ones(len(next(iter(batch.values()))), dtype=torch.bool) if ok is None else ok
-        rows = torch.empty(0)
-        if ok.any():
-            rows = run({k: v[ok] for k, v in batch.items() if isinstance(v, torch.Tensor)}).float().cpu()
         decoded = ok.nonzero().flatten().tolist()
-        _check_finite(rows, [{f: batch[f][i] for f in names} for i in decoded])
-        outputs = dict(zip(decoded, rows))
+        outputs = {}
+        if decoded:
+            rows = run({k: v[ok] for k, v in batch.items() if isinstance(v, torch.Tensor)}).float().cpu()
+            _check_finite(rows, [{f: batch[f][i] for f in names} for i in decoded])
+            outputs = dict(zip(decoded, rows))
         records = []
         for i in range(len(ok)):
             fields = record(batch, i)
