@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from _faults import overflowing_shards
 from _paths import GOLDEN, needs
-from _run import invoke_refused, shard
+from _run import invoke_refused, shard_here
 from engine.forward import main as forward_main
 
 CASE = GOLDEN / "tiny_relpos_vqa9"
@@ -22,8 +22,7 @@ pytestmark = needs(CASE / "inputs.safetensors")
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("forward") / "shards"
-    done = shard(CASE / "checkpoint.pt", 1, out)
-    assert done.returncode == 0, done.stderr
+    shard_here(CASE / "checkpoint.pt", 1, out)
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 from _datatools import read_arrow
 from _faults import overflowing_shards
 from _paths import GOLDEN, needs
-from _run import invoke_refused, run_torchrun, shard
+from _run import invoke_refused, run_torchrun, shard_here
 from engine.tasks.embeddings import Gallery, load_embeddings
 from engine.tasks.metrics import RECALL_KS, retrieval_recall
 from engine.retrieval import main as retrieval_main
@@ -29,8 +29,7 @@ pytestmark = [needs(CHECKPOINT), needs(EXPECTED), needs(ARROW)]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("irtr") / "shards"
-    done = shard(CHECKPOINT, 2, out)
-    assert done.returncode == 0, done.stderr
+    shard_here(CHECKPOINT, 2, out)
     return out
 
 
@@ -138,7 +137,7 @@ def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_pat
         fragment = "f30k_caption_karpathy_test.arrow"
     else:
         vqa = tmp_path / "vqa"
-        assert shard(GOLDEN / "tiny_relpos_vqa" / "checkpoint.pt", 1, vqa).returncode == 0
+        shard_here(GOLDEN / "tiny_relpos_vqa" / "checkpoint.pt", 1, vqa)
         args += ["--shards", vqa]
         fragment = "no retrieval head"
     invoke_refused(retrieval_main, args, fragment)
