@@ -8,20 +8,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import click
 import torch
 import torch.distributed as dist
 
-from ..runtime.errors import ShardingError
-from ..runtime.shards import Manifest, read_manifest
-
 from ..data.raw import DataError
+from ..options import option_group
 from ..runtime.config import VLMoConfig
 from ..runtime.distributed import LaunchError, ParallelContext, init_parallel, shutdown
+from ..runtime.errors import ShardingError
 from ..runtime.loading import DTYPES, default_dtype, load_model
 from ..runtime.model import VLMo
+from ..runtime.shards import Manifest, read_manifest
 
 
 class UsageError(ValueError):
@@ -47,17 +47,6 @@ class Engine:
     manifest: Manifest
     dtype: str
     load_s: float  # this rank's time to load its shard
-
-
-def option_group(options: Sequence[Callable[[Callable], Callable]]) -> Callable[[Callable], Callable]:
-    """One decorator applying click options in the order listed (the order --help shows)."""
-
-    def decorate(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
 
 
 def engine_options(command: Callable) -> Callable:

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 
 from ..runtime.distributed import ParallelContext, broadcast_object
 from ..runtime.shards import Manifest
-from .cli import Engine, ModelOutputError, UsageError, option_group
+from ..options import option_group
+from .cli import Engine, ModelOutputError, UsageError
 from .evaluation import Batch, EvalStats, Record, evaluate
 from .results import ResultsWriter, read_results
 
