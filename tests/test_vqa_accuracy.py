@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.tasks.vqa_accuracy import accuracy_by_type, normalize_answer, question_accuracy
+from engine.data.answers import normalize_answer
+from engine.tasks.vqa_accuracy import accuracy_by_type, question_accuracy
 
 @pytest.mark.parametrize("raw, normal", [
     ("dont", "don't"),                      # contraction restored
