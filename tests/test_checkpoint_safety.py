@@ -135,12 +135,22 @@ def _resaved(tmp_path: Path, edit) -> Path:
 
 
 @needs_golden
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_weight_is_refused_naming_the_tensor(tmp_path: Path, bad: float) -> None:
+def test_non_finite_weight_is_refused_naming_the_tensor(tmp_path: Path) -> None:
     victim = "transformer.blocks.2.mlp_vl.fc1.weight"
-    path = _resaved(tmp_path, lambda w: w[victim].view(-1).__setitem__(7, bad))
+    path = _resaved(tmp_path, lambda w: w[victim].view(-1).__setitem__(7, float("nan")))
     out = tmp_path / "shards"
-    _assert_refused(shard(path, 2, out), out, str(path), victim, "non-finite")
+    _assert_refused(shard(path, 2, out), out, str(path), victim, "1 NaN", "non-finite")
+
+
+@pytest.mark.parametrize("bad, count", [(float("inf"), "0 NaN and 2 infinite"), (float("-inf"), "0 NaN and 2 infinite")])
+def test_infinite_weights_are_refused_naming_the_tensors(bad: float, count: str) -> None:
+    from sharding.checkpoint import refuse_non_finite
+
+    weights = {"a.weight": torch.zeros(3, 4), "b.weight": torch.ones(5), "c.bias": torch.zeros(2)}
+    weights["b.weight"][1:3] = bad
+    weights["c.bias"][0] = float("nan")
+    with pytest.raises(ShardingError, match=f"b.weight holds {count} values of 5 \\(and 1 more: c.bias\\)"):
+        refuse_non_finite(Path("ckpt.pt"), weights)
 
 
 def _member_data_offset(path: Path, member: str) -> int:
