@@ -13,8 +13,9 @@ import pyarrow.compute as pc
 import pytest
 
 from _datatools import read_arrow
+from _faults import overflowing_shards
 from _paths import GOLDEN, needs
-from _run import invoke_refused, run_torchrun, shard, start_torchrun
+from _run import invoke_refused, run_torchrun, shard_here, start_torchrun
 from engine.tasks.metrics import vqa_score
 from engine.tasks.results import read_results
 from engine.tasks.cli import UsageError
@@ -34,8 +35,7 @@ pytestmark = [needs(CHECKPOINT), needs(EXPECTED), needs(ARROW)]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vqa9") / "shards"
-    done = shard(CHECKPOINT, 2, out)
-    assert done.returncode == 0, done.stderr
+    shard_here(CHECKPOINT, 2, out)
     return out
 
 
@@ -223,13 +223,6 @@ def test_test_dev_submission_covers_every_test2015_question(shards: Path, test_s
     assert summary["placeholder_answers"] == len(submission) - len(dev - bad)
 
 
-def _assert_refused(output: str, out: Path, *fragments: str) -> None:
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert errors and all(f in errors[0] for f in fragments), output
-    assert "/engine/" not in output  # no traceback through our code (torchrun adds its own report)
-    assert not out.exists()
-
-
 @pytest.mark.parametrize("case", ["answer table size", "missing split", "no VQA head"])
 def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "results.jsonl"
@@ -244,18 +237,20 @@ def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_pat
         fragments = ("vqav2_rest_val.arrow",)
     else:
         nlvr2 = tmp_path / "nlvr2"
-        assert shard(GOLDEN / "tiny_relpos_nlvr2" / "checkpoint.pt", 1, nlvr2).returncode == 0
+        shard_here(GOLDEN / "tiny_relpos_nlvr2" / "checkpoint.pt", 1, nlvr2)
         args += ["--shards", nlvr2]
         fragments = ("no VQA head",)
     invoke_refused(vqa_main, args, *fragments)
     assert not out.exists()
 
 
-def test_shards_for_another_tp_are_refused(shards: Path, tmp_path: Path) -> None:
+def test_shards_for_another_tp_are_refused(shards: Path, tmp_path: Path, monkeypatch) -> None:
+    # Rank 0 of a 3-process launch, in this process: the refusal comes before the process group forms.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
     out = tmp_path / "results.jsonl"
-    ran = run_torchrun(3, "engine.vqa", _args(shards, out, ARROW))
-    assert ran.returncode != 0
-    _assert_refused(ran.stderr, out, "tp=2", "3 processes")
+    invoke_refused(vqa_main, _args(shards, out, ARROW), "tp=2", "3 processes")
+    assert not out.exists()
 
 
 def _child_with_rank(parent: int, rank: int) -> int:
@@ -309,3 +304,29 @@ def test_results_of_another_checkpoint_are_not_continued(tmp_path: Path) -> None
     with pytest.raises(UsageError, match="another checkpoint"):
         open_results(out, "bbbb")
     open_results(out, "aaaa").close()  # the same checkpoint continues
+
+
+def test_a_non_finite_output_is_an_error_naming_the_questions_never_an_answer(tmp_path: Path) -> None:
+    shards = overflowing_shards(CHECKPOINT, ["vqa_classifier.3.weight"], tmp_path)
+    out = tmp_path / "results.jsonl"
+    first = read_arrow(ARROW / "vqav2_val.arrow").column("question_id").to_pylist()[0][0]
+    invoke_refused(vqa_main, [*_args(shards, out, ARROW), "--num-workers", 0], "not finite", f"question_id {first}")
+    assert read_results(out) == []
+
+
+@pytest.mark.parametrize("case", ["under a file", "read-only folder", "a folder", "submission under a file"])
+def test_unwritable_outputs_are_refused_before_any_work(case: str, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    out, extra, option = tmp_path / "file" / "results.jsonl", [], "--out"
+    if case == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out = tmp_path / "ro" / "results.jsonl"
+    elif case == "a folder":
+        out = Path(".")
+    elif case == "submission under a file":
+        out, extra, option = tmp_path / "results.jsonl", ["--split", "test", "--submission", tmp_path / "file" / "s"], \
+            "--submission"
+    # --shards does not exist: the outputs are checked first, before anything is read.
+    invoke_refused(vqa_main, [*_args(tmp_path / "no-shards", out, ARROW), *extra], option)

@@ -7,22 +7,19 @@ from typing import Callable
 
 import click
 
+from ..options import option_group
 from .karpathy import write_karpathy
 from .nlvr2 import write_nlvr2
 from .raw import DataError
 from .vqav2 import write_vqav2
 
-_root = click.option(
-    "--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The raw download (the layout the published writer reads).",
-)
-_out = click.option(
-    "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the arrow files (created if needed).",
-)
-_overwrite = click.option(
-    "--overwrite", is_flag=True, help="Replace arrow files that already exist in --out (refused otherwise).",
-)
+_in_out = option_group([
+    click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                 help="The raw download (the layout the published writer reads)."),
+    click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                 help="Folder for the arrow files (created if needed)."),
+    click.option("--overwrite", is_flag=True, help="Replace arrow files that already exist in --out (refused otherwise)."),
+])
 
 
 def _run(writer: Callable[[Path, Path, bool], dict], root: Path, out: Path, overwrite: bool) -> None:
@@ -42,9 +39,7 @@ def main() -> None:
 
 
 @main.command()
-@_root
-@_out
-@_overwrite
+@_in_out
 def vqav2(root: Path, out: Path, overwrite: bool) -> None:
     """VQAv2 from the official download.
 
@@ -54,9 +49,7 @@ def vqav2(root: Path, out: Path, overwrite: bool) -> None:
 
 
 @main.command()
-@_root
-@_out
-@_overwrite
+@_in_out
 def coco(root: Path, out: Path, overwrite: bool) -> None:
     """COCO captions, Karpathy splits.
 
@@ -66,9 +59,7 @@ def coco(root: Path, out: Path, overwrite: bool) -> None:
 
 
 @main.command()
-@_root
-@_out
-@_overwrite
+@_in_out
 def f30k(root: Path, out: Path, overwrite: bool) -> None:
     """Flickr30k captions, Karpathy splits.
 
@@ -78,9 +69,7 @@ def f30k(root: Path, out: Path, overwrite: bool) -> None:
 
 
 @main.command()
-@_root
-@_out
-@_overwrite
+@_in_out
 def nlvr2(root: Path, out: Path, overwrite: bool) -> None:
     """NLVR2 image pairs and sentences.
 
