@@ -76,19 +76,21 @@ def _only_writer(out_dir: Path, report: Callable[[str], None]) -> Iterator[None]
     Without it (another sharding run writes into the same parent now) they may be that run's: they are only
     reported.
     """
-    fd = os.open(out_dir.parent, os.O_RDONLY)
+    fd = None
     try:
         try:
+            fd = os.open(out_dir.parent, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
-        except OSError:
+        except OSError:  # busy, or a file system without locks: leave the staging directories be
             locked = False
         for stale in stale_staging(out_dir):
             if locked:
                 shutil.rmtree(stale, ignore_errors=True)
                 report(f"removed {stale}, left by an interrupted run")
             else:
-                report(f"left {stale}: another sharding run is writing into {out_dir.parent}")
+                report(f"left {stale}: it may belong to another sharding run writing into {out_dir.parent} now")
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock

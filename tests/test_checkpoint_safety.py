@@ -207,3 +207,26 @@ def test_stale_staging_directories_of_the_target_are_removed(tmp_path: Path) -> 
     for folder in stale:
         assert f"removed {folder}" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-abc", "shards"]
+
+
+@needs_golden
+def test_staging_directories_are_only_reported_while_another_run_writes_beside(tmp_path: Path) -> None:
+    import fcntl
+
+    from sharding.infer import infer_config, select_weights
+    from sharding.shards import write_shards
+
+    ckpt = read_checkpoint(LIGHTNING_CASE)
+    cfg = infer_config(ckpt.state_dict, ckpt.hyper_parameters)
+    weights, _ = select_weights(ckpt.state_dict, cfg)
+    stale = tmp_path / ".shards.partial-busy"
+    stale.mkdir()
+    other_run = os.open(tmp_path, os.O_RDONLY)  # what a concurrent sharding run holds
+    fcntl.flock(other_run, fcntl.LOCK_EX)
+    lines: list = []
+    try:
+        write_shards(weights, cfg, 1, tmp_path / "shards", source={}, report=lines.append)
+    finally:
+        os.close(other_run)
+    assert stale.is_dir() and (tmp_path / "shards" / "manifest.json").is_file()
+    assert len(lines) == 1 and str(stale) in lines[0] and "another sharding run" in lines[0]
