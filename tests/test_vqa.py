@@ -223,7 +223,7 @@ def test_test_dev_submission_covers_every_test2015_question(shards: Path, test_s
     assert summary["placeholder_answers"] == len(submission) - len(dev - bad)
 
 
-@pytest.mark.parametrize("case", ["answer table size", "missing split", "no VQA head"])
+@pytest.mark.parametrize("case", ["answer table size", "missing split", "no VQA head", "test-dev without test"])
 def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "results.jsonl"
     args = _args(shards, out, ARROW)
@@ -235,6 +235,10 @@ def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_pat
     elif case == "missing split":
         args += ["--data", arrow_copy(read_arrow(ARROW / "vqav2_val.arrow"), tmp_path / "arrow"), "--split", "rest_val"]
         fragments = ("vqav2_rest_val.arrow",)
+    elif case == "test-dev without test":  # the submission needs every test2015 question
+        data = arrow_copy(read_arrow(ARROW / "vqav2_test-dev.arrow"), tmp_path / "arrow", "test-dev")
+        args += ["--data", data, "--split", "test-dev"]
+        fragments = ("--split test-dev", "every test2015 question", "vqav2_test.arrow")
     else:
         nlvr2 = tmp_path / "nlvr2"
         shard_here(GOLDEN / "tiny_relpos_nlvr2" / "checkpoint.pt", 1, nlvr2)
