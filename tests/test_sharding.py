@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _paths import GOLDEN
-from _run import run_module, run_torchrun, shard
+from _run import run_module, run_torchrun, shard, shard_here
 from sharding.checkpoint import read_checkpoint
 from engine.runtime.errors import ShardingError
 from sharding.infer import infer_config, select_weights
@@ -158,7 +158,7 @@ def _refused_by_verify_and_loader(shard_dir: Path, *fragments: str) -> None:
 @needs_golden
 def test_edited_manifest_shape_names_the_tensor(tmp_path: Path) -> None:
     out = tmp_path / "s"
-    assert shard(CASE / "checkpoint.pt", 2, out).returncode == 0
+    shard_here(CASE / "checkpoint.pt", 2, out)
     victim = "transformer.blocks.1.mlp_imag.fc2.weight"
     _edit_manifest(out, lambda m: m["files"][1]["tensors"][victim].update(shape=[64, 64]))
     _refused_by_verify_and_loader(out, victim, "(64, 64)")
@@ -167,7 +167,7 @@ def test_edited_manifest_shape_names_the_tensor(tmp_path: Path) -> None:
 @needs_golden
 def test_edited_manifest_dtype_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "s"
-    assert shard(CASE / "checkpoint.pt", 2, out).returncode == 0
+    shard_here(CASE / "checkpoint.pt", 2, out)
     victim = "pooler.dense.weight"
     _edit_manifest(out, lambda m: m["files"][1]["tensors"][victim].update(dtype="float16"))
     _refused_by_verify_and_loader(out, victim, "float32 in the file", "float16 in the manifest")
@@ -181,7 +181,7 @@ def test_verify_finds_non_finite_weights_in_shards(tmp_path: Path) -> None:
     from engine.runtime.shards import sha256_file
 
     out = tmp_path / "s"
-    assert shard(CASE / "checkpoint.pt", 2, out).returncode == 0
+    shard_here(CASE / "checkpoint.pt", 2, out)
     victim = "transformer.blocks.0.attn.qkv.weight"
     shard_file = out / "rank-01-of-02.safetensors"
     tensors = load_file(str(shard_file))
