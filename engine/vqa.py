@@ -9,12 +9,14 @@ file; test and test-dev, which have no answers, give an EvalAI submission.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
+import pyarrow.compute as pc
 import torch
 
 from .atomic import write_json
+from .data.arrow_io import read_split
 from .data.datasets import VQADataset
 from .data.raw import DataError
 from .data.text import TextTokenizer
@@ -26,9 +28,15 @@ from .tasks.evaluation import Batch, Record
 from .tasks.frontend import (Row, Step, image_errors, latency_rows, per_sample_step, print_table, results_options,
                              run_info, run_resumable, run_title, task_options)
 from .tasks.metrics import hit_rate, question_vqa_score, vqa_score
+from .tasks.vqa_accuracy import accuracy_by_type, question_accuracy
 
 # Splits published without answers: no score, an EvalAI submission instead.
 TEST_SPLITS = ("test", "test-dev")
+# The answer a submission gives to a question the model did not answer (test2015 questions outside test-dev in
+# a test-dev run, questions whose image did not decode): the most frequent VQAv2 answer.
+PLACEHOLDER_ANSWER = "yes"
+# Per-question fields of the official annotations, kept in each results line when the split has them.
+OFFICIAL_FIELDS = ("human_answers", "answer_type", "question_type")
 
 
 def answer_table(path: Path, vqa_labels: Optional[int]) -> List[str]:
@@ -51,7 +59,7 @@ def answerer(model: VLMo, device: torch.device, answers: Sequence[str], scored: 
 
     def question(batch: Batch, i: int) -> Record:
         return {"question_id": batch["question_id"][i], "image_id": batch["image_id"][i],
-                "question": batch["text"][i]}
+                "question": batch["text"][i], **{k: batch[k][i] for k in OFFICIAL_FIELDS if k in batch}}
 
     def answer(batch: Batch, i: int, row: torch.Tensor) -> Record:
         label = int(row.argmax())
@@ -60,13 +68,16 @@ def answerer(model: VLMo, device: torch.device, answers: Sequence[str], scored: 
             truth = {k: batch[k][i] for k in ("answers", "answer_labels", "answer_scores")}
             result.update(score=question_vqa_score(label, truth["answer_labels"], truth["answer_scores"]),
                           hit=answers[label] in truth["answers"], **truth)
+        if "human_answers" in batch:
+            result["accuracy"] = question_accuracy(answers[label], batch["human_answers"][i])
         return result
 
     return per_sample_step(logits, ("question_id",), question, answer)
 
 
-def summarize(records: List[Record], scored: bool) -> Dict[str, Any]:
-    """Counts, image errors and (for splits with answers) VQA score and hit rate over all records."""
+def summarize(records: List[Record], scored: bool, official_missing: Optional[str] = None) -> Dict[str, Any]:
+    """Counts, image errors and (for splits with answers) official VQA accuracy, VQA score and hit rate over all
+    records; `official_missing` says why the split has no official annotations, if so."""
     answered = [r for r in records if "image_error" not in r]
     summary: Dict[str, Any] = {
         "questions": len(records),
@@ -79,17 +90,61 @@ def summarize(records: List[Record], scored: bool) -> Dict[str, Any]:
             summary["vqa_score"] = vqa_score([r["label"] for r in answered], [r["answer_labels"] for r in answered],
                                              [r["answer_scores"] for r in answered])
             summary["hit_rate"] = hit_rate([r["answer"] for r in answered], [r["answers"] for r in answered])
+        summary.update(official_accuracy(answered, official_missing))
     return summary
+
+
+def official_accuracy(answered: List[Record], official_missing: Optional[str]) -> Dict[str, Any]:
+    """vqa_accuracy and vqa_accuracy_by_answer_type, or None and vqa_accuracy_unavailable saying why."""
+    unscored = [r for r in answered if "human_answers" not in r]
+    if answered and not unscored:
+        overall, by_type = accuracy_by_type(
+            (question_accuracy(r["answer"], r["human_answers"]), r["answer_type"]) for r in answered)
+        return {"vqa_accuracy": overall, "vqa_accuracy_by_answer_type": by_type}
+    if not answered:
+        why = "no question was answered"
+    else:
+        why = official_missing or "they were recorded by a run without the official annotations; pass a new --out"
+        why = f"{len(unscored)} of {len(answered)} answered questions have no human answers: {why}"
+    return {"vqa_accuracy": None, "vqa_accuracy_by_answer_type": None, "vqa_accuracy_unavailable": why}
+
+
+def submission_entries(records: List[Record], question_ids: Sequence[int]) -> Tuple[List[Dict[str, Any]], int]:
+    """The EvalAI submission (one answer per question id, in their order) and how many are placeholders."""
+    answered = {r["question_id"]: r["answer"] for r in records if "answer" in r}
+    entries = [{"question_id": int(q), "answer": answered.get(q, PLACEHOLDER_ANSWER)} for q in question_ids]
+    return entries, sum(q not in answered for q in question_ids)
+
+
+def submission_question_ids(dataset: VQADataset, arrow_dir: Path, split: str) -> List[int]:
+    """Every test2015 question: EvalAI wants them all, also in the test-dev phase (it scores only test-dev)."""
+    ids = dataset.question_ids()
+    if split == "test":
+        return ids
+    try:
+        test = read_split(arrow_dir, "vqav2", "test")
+    except DataError as err:
+        raise DataError(f"--split test-dev answers every test2015 question, as EvalAI requires: {err}") from None
+    everything = pc.list_flatten(test.column("question_id")).to_pylist()
+    known = set(everything)
+    return everything + [q for q in ids if q not in known]
 
 
 def table_rows(summary: Dict[str, Any]) -> List[Row]:
     """The lines of the final table."""
     rows = [("questions", f"{summary['questions']} recorded ({summary['run']['questions']} this run)")]
+    if summary.get("vqa_accuracy") is not None:
+        by_type = ", ".join(f"{kind} {100 * value:.2f}"
+                            for kind, value in summary["vqa_accuracy_by_answer_type"].items())
+        rows.append(("VQA accuracy", f"{100 * summary['vqa_accuracy']:.2f}  (official; {by_type})"))
+    elif "vqa_accuracy_unavailable" in summary:
+        rows.append(("VQA accuracy", f"unavailable: {summary['vqa_accuracy_unavailable']}"))
     if "vqa_score" in summary and summary["vqa_score"] is not None:
-        rows += [("VQA score", f"{100 * summary['vqa_score']:.2f}"),
+        rows += [("VQA score", f"{100 * summary['vqa_score']:.2f}  (VLMo's training-time score)"),
                  ("hit rate", f"{100 * summary['hit_rate']:.2f}  (the Ascend guide's 'accuracy')")]
     if "submission" in summary:
-        rows.append(("submission", f"{summary['submission']} ({summary['answered']} answers)"))
+        rows.append(("submission", f"{summary['submission']} ({summary['submission_questions']} questions, "
+                                   f"{summary['placeholder_answers']} placeholders)"))
     rows.append(("image errors", str(len(summary["image_errors"]))))
     return rows + latency_rows(summary["latency"], "questions")
 
@@ -123,6 +178,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     answers = answer_table(answers_path or arrow_dir / ANSWER_TABLE, cfg.vqa_labels)
     dataset = VQADataset(arrow_dir, split, TextTokenizer(vocab, cfg.max_text_len), cfg.image_size)
     question_ids = dataset.question_ids()[:limit]
+    submission_ids = [] if scored else submission_question_ids(dataset, arrow_dir, split)
 
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
     done = run_resumable(engine, dataset, question_ids, answerer(engine.model, engine.ctx.device, answers, scored),
@@ -131,12 +187,13 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     if done is None:
         return
     records, stats = done
-    summary = {"task": "vqa", "split": split, "results": str(out_path), **summarize(records, scored)}
+    summary = {"task": "vqa", "split": split, "results": str(out_path),
+               **summarize(records, scored, dataset.official_missing)}
     if not scored:
-        submission = [{"question_id": r["question_id"], "answer": r["answer"]}
-                      for r in records if "image_error" not in r]
+        submission, placeholders = submission_entries(records, submission_ids)
         write_json(submission_path, submission)
-        summary["submission"] = str(submission_path)
+        summary.update(submission=str(submission_path), submission_questions=len(submission),
+                       placeholder_answers=placeholders, placeholder_answer=PLACEHOLDER_ANSWER)
     summary["latency"] = stats.latency_summary()
     summary["run"] = {"questions": stats.samples, "wall_s": stats.wall_s, **run_info(engine, shard_dir, batch_size)}
     write_json(summary_path, summary, indent=1)

@@ -20,12 +20,14 @@ from engine.tasks.metrics import vqa_score
 from engine.tasks.results import read_results
 from engine.tasks.cli import UsageError
 from engine.tasks.frontend import open_results
-from engine.vqa import main as vqa_main
+from engine.data.vqav2 import write_vqav2
+from engine.vqa import PLACEHOLDER_ANSWER, main as vqa_main
 
 ARROW = GOLDEN / "vqav2_arrow_published"
 ANSWERS = ARROW / "answer2label_recovered.txt"
 EXPECTED = GOLDEN / "vqa_e2e_expected.json"
 CHECKPOINT = GOLDEN / "tiny_relpos_vqa9" / "checkpoint.pt"
+RAW = GOLDEN / "vqav2_raw"
 
 pytestmark = [needs(CHECKPOINT), needs(EXPECTED), needs(ARROW)]
 
@@ -82,6 +84,8 @@ def tp2_results(shards: Path, tmp_path_factory) -> Path:
 
 def test_tp2_gives_the_published_answers_and_metrics(tp2_results: Path) -> None:
     summary = assert_matches_published(tp2_results)
+    # The published writer's arrow files keep no raw answers: the official accuracy cannot be computed.
+    assert summary["vqa_accuracy"] is None and "vqav2_val.official.arrow" in summary["vqa_accuracy_unavailable"]
     latency = summary["latency"]
     assert latency["batches"] == 9 and latency["samples"] == 65  # 65 questions in batches of 8
     assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"] and latency["samples_per_s"] > 0
@@ -136,18 +140,90 @@ def test_undecodable_image_is_reported_and_excluded_not_replaced(shards: Path, t
                                                            [truth[q][1] for q in others]), abs=1e-12)
 
 
-def test_test_split_gives_an_evalai_submission(shards: Path, tmp_path: Path) -> None:
-    out = tmp_path / "test.jsonl"
+# Hand-worked normal forms of the golden annotations' answers (compared normalised where the ten disagree).
+NORMAL_FORMS = {"Yes!": "yes", "two": "2", "a red": "red", "yes": "yes", "no": "no", "red": "red", "1": "1",
+                "2": "2", "circle": "circle", "square": "square", "green": "green", "blue": "blue"}
+
+
+def expected_official_accuracy(predictions: dict) -> tuple:
+    """Overall and per-answer-type official accuracy of the published answers, from the raw annotations."""
+    annotations = json.loads((RAW / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    by_type: dict = {}
+    for a in annotations:
+        humans = [x["answer"] for x in a["answers"]]
+        if len(set(humans)) > 1:
+            humans = [NORMAL_FORMS[h] for h in humans]
+        predicted = predictions[str(a["question_id"])]["answer"]  # a label-table answer: already normal
+        subsets = [min(1.0, sum(h == predicted for h in humans[:i] + humans[i + 1:]) / 3) for i in range(10)]
+        by_type.setdefault(a["answer_type"], []).append(sum(subsets) / 10)
+    everything = [acc for accs in by_type.values() for acc in accs]
+    return sum(everything) / len(everything), {t: sum(accs) / len(accs) for t, accs in by_type.items()}
+
+
+@needs(RAW)
+def test_official_vqa_accuracy_end_to_end(shards: Path, tmp_path: Path) -> None:
+    arrow = tmp_path / "arrow"
+    write_vqav2(RAW, arrow)
+    out = tmp_path / "results.jsonl"
+    ran = run_vqa(2, shards, out, data=arrow)
+    assert "VQA accuracy" in ran.stdout and "official" in ran.stdout
+    summary = assert_matches_published(out)
+    overall, by_type = expected_official_accuracy(json.loads(EXPECTED.read_text())["predictions"])
+    assert set(by_type) == {"yes/no", "number", "other"}
+    assert summary["vqa_accuracy"] == pytest.approx(overall, abs=1e-9)
+    assert summary["vqa_accuracy_by_answer_type"] == pytest.approx(by_type, abs=1e-9)
+    kinds = {a["question_id"]: (a["answer_type"], a["question_type"]) for a in json.loads(
+        (RAW / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]}
+    assert all((r["answer_type"], r["question_type"]) == kinds[r["question_id"]] for r in read_results(out))
+
+
+def _test2015_ids() -> list:
+    return pc.list_flatten(read_arrow(ARROW / "vqav2_test.arrow").column("question_id")).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def test_submission(shards: Path, tmp_path_factory) -> list:
+    out = tmp_path_factory.mktemp("test") / "test.jsonl"
     run_vqa(2, shards, out, "--split", "test")
-    submission = json.loads(out.with_suffix(".submission.json").read_text())
-    question_ids = pc.list_flatten(read_arrow(ARROW / "vqav2_test.arrow").column("question_id")).to_pylist()
-    assert sorted(s["question_id"] for s in submission) == sorted(question_ids)
+    assert "vqa_score" not in summary_of(out) and summary_of(out)["placeholder_answers"] == 0
+    return json.loads(out.with_suffix(".submission.json").read_text())
+
+
+def test_test_split_gives_an_evalai_submission(test_submission: list) -> None:
+    assert [s["question_id"] for s in test_submission] == _test2015_ids()
     answers = {json.loads(line)["answer"] for line in ANSWERS.read_text().splitlines()}
-    assert all(set(s) == {"question_id", "answer"} and s["answer"] in answers for s in submission)
-    assert "vqa_score" not in summary_of(out)
+    assert all(set(s) == {"question_id", "answer"} and s["answer"] in answers for s in test_submission)
 
 
-@pytest.mark.parametrize("case", ["answer table size", "missing split", "no VQA head"])
+def test_test_dev_submission_covers_every_test2015_question(shards: Path, test_submission: list,
+                                                             tmp_path: Path) -> None:
+    # One test-dev image that does not decode: its questions get the placeholder too, never dropped.
+    table = read_arrow(ARROW / "vqav2_test-dev.arrow")
+    images = table.column("image").to_pylist()
+    images[0] = b"garbled" + images[0][64:]
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    data = arrow_copy(table, tmp_path / "arrow", "test-dev")
+    arrow_copy(read_arrow(ARROW / "vqav2_test.arrow"), data, "test")
+    out = tmp_path / "test-dev.jsonl"
+    run_vqa(2, shards, out, "--split", "test-dev", data=data)
+
+    submission = json.loads(out.with_suffix(".submission.json").read_text())
+    assert [s["question_id"] for s in submission] == _test2015_ids()  # every test2015 question, once
+    dev = set(pc.list_flatten(table.column("question_id")).to_pylist())
+    bad = set(table.column("question_id")[0].as_py())
+    by_test = {s["question_id"]: s["answer"] for s in test_submission}
+    for s in submission:
+        if s["question_id"] in dev - bad:
+            assert s["answer"] == by_test[s["question_id"]]  # the model's answer, as in the test run
+        else:
+            assert s["answer"] == PLACEHOLDER_ANSWER
+    summary = summary_of(out)
+    assert {e["question_id"] for e in summary["image_errors"]} == bad
+    assert summary["submission_questions"] == len(submission)
+    assert summary["placeholder_answers"] == len(submission) - len(dev - bad)
+
+
+@pytest.mark.parametrize("case", ["answer table size", "missing split", "no VQA head", "test-dev without test"])
 def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "results.jsonl"
     args = _args(shards, out, ARROW)
@@ -159,6 +235,10 @@ def test_bad_inputs_are_refused_before_any_work(case: str, shards: Path, tmp_pat
     elif case == "missing split":
         args += ["--data", arrow_copy(read_arrow(ARROW / "vqav2_val.arrow"), tmp_path / "arrow"), "--split", "rest_val"]
         fragments = ("vqav2_rest_val.arrow",)
+    elif case == "test-dev without test":  # the submission needs every test2015 question
+        data = arrow_copy(read_arrow(ARROW / "vqav2_test-dev.arrow"), tmp_path / "arrow", "test-dev")
+        args += ["--data", data, "--split", "test-dev"]
+        fragments = ("--split test-dev", "every test2015 question", "vqav2_test.arrow")
     else:
         nlvr2 = tmp_path / "nlvr2"
         shard_here(GOLDEN / "tiny_relpos_nlvr2" / "checkpoint.pt", 1, nlvr2)
