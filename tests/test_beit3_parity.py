@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from _paths import needs
-from _run import run_torchrun
+from _run import forward_many
 from _beit3 import BEIT3, cut
 
 CASES = sorted(p.parent for p in BEIT3.glob("tiny_beit3_*/expected.safetensors"))
@@ -23,7 +23,7 @@ TASKS = {"vqa": "vqa", "nlvr2": "nlvr2", "retrieval": "irtr"}
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_every_case_matches_published_outputs(tp: int, tmp_path: Path) -> None:
     assert len(CASES) == 4
-    args, outs = [], {}
+    items, outs = [], {}
     for case_dir in CASES:
         case = json.loads((case_dir / "case.json").read_text())
         cfg = cut(case_dir.name, tp, tmp_path / case_dir.name)
@@ -33,9 +33,9 @@ def test_every_case_matches_published_outputs(tp: int, tmp_path: Path) -> None:
                                                               "vocab_size", "image_size", "max_text_len"))
         assert cfg.tasks == (TASKS[case["task"]],)
         outs[case_dir] = tmp_path / f"{case_dir.name}.out.safetensors"
-        args += ["--case", tmp_path / case_dir.name, case_dir / "inputs.safetensors", outs[case_dir]]
-    ran = run_torchrun(tp, "tests._forward_cases", args)
-    assert ran.returncode == 0, ran.stderr
+        items.append({"shards": tmp_path / case_dir.name, "inputs": case_dir / "inputs.safetensors",
+                      "out": outs[case_dir]})
+    forward_many(tp, items, tmp_path / "plan.json")
     for case_dir, out in outs.items():
         expected: Dict[str, torch.Tensor] = load_file(str(case_dir / "expected.safetensors"))
         got = load_file(str(out))

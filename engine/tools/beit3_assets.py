@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import click
 import torch
 
-from .demo_assets import save_atomic
+from ..atomic import write_torch
 from ..runtime.beit3_config import HEADS_BY_SIZE, PREFIX, BEiT3Config, full_shapes
 
 SIZES = {"base": (768, 12), "large": (1024, 24)}
@@ -61,7 +61,8 @@ def build_random_beit3(path: Path, cfg: BEiT3Config, seed: int = 0, model_name: 
         return path
     args = argparse.Namespace(model=model_name or f"beit3_random_{cfg.embed_dim}_patch16_{cfg.image_size}",
                               input_size=cfg.image_size, num_max_bpe_tokens=cfg.max_text_len, seed=seed)
-    return save_atomic({"model": random_state_dict(cfg, seed), "epoch": 0, "args": args}, path)
+    write_torch(path, {"model": random_state_dict(cfg, seed), "epoch": 0, "args": args})
+    return path
 
 
 @click.command()
