@@ -17,6 +17,7 @@ from ..runtime.shards import Manifest, read_manifest
 
 from ..data.raw import DataError
 from ..runtime.distributed import LaunchError, ParallelContext, init_parallel, shutdown
+from ..runtime.health import PeerFailure, leave
 from ..runtime.loading import DTYPES, default_dtype, load_model
 from ..runtime.model import VLMo
 
@@ -73,8 +74,9 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
                 result = main(*args, **kwargs)
         except (ShardingError, LaunchError, UsageError, DataError) as exc:
             # No orderly shutdown: peers may be inside a collective; torchrun stops them on our exit.
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            leave(f"error: {exc}", failed=True)
+        except PeerFailure as exc:
+            leave(str(exc), failed=False)
         if not dist.is_initialized():
             return result
         shutdown()
