@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -76,14 +77,21 @@ def test_bench_weights_shrink_with_tp(tiny_shards, tmp_path: Path) -> None:
     assert 0 < one["vs_fp32"]["max_abs_diff"]["vqa_logits"] < 0.05
 
 
-# Every case at tp 1; at tp 2 (bf16 all-reduce) the case with the closest top-2 margin (0.013).
-BF16_CASES = [(case, 1) for case in VQA_CASES] + [(case, 2) for case in VQA_CASES if case == TINY]
+# Every case at tp 1; at tp 2 (bf16 all-reduce) the case with the closest top-2 margin (0.013), also as on a
+# CPU whose oneDNN has no bf16 GEMM (AVX2 only, where packing bf16 weights fails): ONEDNN_MAX_CPU_ISA=AVX2.
+BF16_CASES = ([(case, 1, None) for case in VQA_CASES]
+              + [(case, 2, isa) for case in VQA_CASES if case == TINY for isa in (None, "AVX2")])
 
 
 @pytest.mark.skipif(not VQA_CASES, reason="../shared/golden has no VQA model cases")
-@pytest.mark.parametrize("case_dir,tp", BF16_CASES, ids=[f"{c.name}-tp{tp}" for c, tp in BF16_CASES])
-def test_bf16_answers_equal_fp32(case_dir: Path, tp: int, tmp_path: Path) -> None:
-    """bf16 gives the published fp32 model's top-1 answer on every golden VQA question."""
+@pytest.mark.parametrize("case_dir,tp,isa", BF16_CASES,
+                         ids=[f"{c.name}-tp{tp}" + (f"-{isa}" if isa else "") for c, tp, isa in BF16_CASES])
+def test_bf16_answers_equal_fp32(case_dir: Path, tp: int, isa: Optional[str], tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 gives the published fp32 model's top-1 answer on every golden VQA question, with or without
+    oneDNN's bf16 kernels."""
+    if isa:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
     case = json.loads((case_dir / "case.json").read_text())
     done = shard(case_dir / "checkpoint.pt", tp, tmp_path / "shards",
                  *([] if case["relative_position_bias"] else ["--num-heads", case["num_heads"]]))
@@ -93,9 +101,15 @@ def test_bf16_answers_equal_fp32(case_dir: Path, tp: int, tmp_path: Path) -> Non
                                               case_dir / "inputs.safetensors", "--out", out, "--device", "cpu",
                                               "--dtype", "bf16"])
     assert ran.returncode == 0, ran.stderr
+    assert ("oneDNN has no bf16 matmul on this CPU" in ran.stderr) == (isa == "AVX2"), ran.stderr
     want = load_file(str(case_dir / "expected.safetensors"))["vqa_logits"]
     got = load_file(str(out))["vqa_logits"]
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    top2 = want.topk(2, dim=-1).values
+    # torch's generic bf16 kernels round differently: there, a question whose top-2 margin is within two bf16
+    # steps near 1 (1/64) may go either way (tiny_relpos_vqa's last: 0.013)
+    decided = (top2[:, 0] - top2[:, 1] > (1 / 64 if isa else 0)).nonzero().flatten()
+    assert len(decided) >= len(want) - 1
+    assert torch.equal(got[decided].argmax(-1), want[decided].argmax(-1))
     assert (got - want).abs().max().item() < 0.05  # bf16 keeps 8 bits; the residual stream and head are fp32
 
 

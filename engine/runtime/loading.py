@@ -39,7 +39,9 @@ def use_cpu_kernels(model: VLMo, dtype: torch.dtype, announce: bool = False) -> 
     """Pick this CPU's faster kernels: packed oneDNN or plain linears per GEMM shape, timed on one sample's
     joint pass; bf16 attention as per-head matmuls where oneDNN has bf16 matmuls."""
     cfg = model.cfg
-    pack_where_faster(model, tokens=cfg.max_text_len + cfg.num_image_tokens)
+    choice = pack_where_faster(model, tokens=cfg.max_text_len + cfg.num_image_tokens)
+    model.linear_kernels = {f"{shape[0]}x{shape[1]}{' +bias' if bias else ''}{' +gelu' if gelu else ''}": kernel
+                            for (shape, bias, gelu), kernel in sorted(choice.items())}
     if dtype == torch.bfloat16:
         units = bf16_matmul_units()
         for block in model.transformer.blocks:
