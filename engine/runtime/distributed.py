@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -39,7 +39,7 @@ class ParallelContext:
     # Python objects (results, resume state) travel over gloo: HCCL has no gather, and
     # pickles need no trip through the accelerator. None: the default group (already gloo).
     object_group: Optional[dist.ProcessGroup] = None
-    health: Health = field(default=None)
+    health: Optional[Health] = None  # made for the context when not given
     # The tensor-parallel group's all-reduce; None when the model is not cut (tp 1).
     comm: Optional[TensorParallelComm] = None
 

@@ -9,6 +9,4 @@ class ShardingError(Exception):
     """A refusal that names the file it is about."""
 
     def __init__(self, path: Union[str, Path], problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{path}: {problem}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,3 @@ def gemm_peak_gflops(shapes: Iterable[Tuple[int, int, int]], dtype: torch.dtype,
         for rhs in (w.t(), w.t().contiguous()):
             best = max(best, 2 * m * k * n / best_seconds(lambda: torch.mm(x, rhs), repeats) / 1e9)
     return best
-
-
-def distinct(shapes: Iterable[Tuple[int, int, int]]) -> List[Tuple[int, int, int]]:
-    return sorted(set(shapes))
