@@ -57,18 +57,16 @@ class Health:
     def __init__(self, rank: int, world_size: int, timeout_s: Optional[float], beat: bool = True) -> None:
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.store = _store(timeout_s) if world_size > 1 else None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         if self.store is not None and beat:
             self._beat()
-            self._thread = threading.Thread(target=self._beat_forever, name="vlmo-heartbeat", daemon=True)
-            self._thread.start()
+            threading.Thread(target=self._beat_forever, name="vlmo-heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
         self.store.set(f"beat/{self.rank}", repr(time.time()))
 
     def _beat_forever(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while True:
+            time.sleep(HEARTBEAT_S)
             try:
                 self._beat()
             except RuntimeError:  # the store is gone: the job is ending
@@ -78,7 +76,10 @@ class Health:
         """The lowest rank that left an error in the store, if any."""
         if self.store is None:
             return None
-        failed = [r for r in range(self.world_size) if r != self.rank and self.store.check([f"failed/{r}"])]
+        try:
+            failed = [r for r in range(self.world_size) if r != self.rank and self.store.check([f"failed/{r}"])]
+        except RuntimeError:  # the store is gone: nothing to learn from it
+            return None
         return min(failed) if failed else None
 
     def silent_peers(self) -> List[int]:
