@@ -54,6 +54,18 @@ def test_a_failed_rank_is_named_once_and_the_others_leave_quietly(tiny_tp2: Path
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@needs(TINY)
+def test_an_error_every_rank_hits_is_printed_once(tiny_tp2: Path, tmp_path: Path) -> None:
+    ran = run_torchrun(2, "engine.forward", ["--shards", tiny_tp2, "--inputs", tmp_path / "missing.safetensors",
+                                             "--out", tmp_path / "o.safetensors", "--device", "cpu"])
+    assert ran.returncode != 0
+    lines = ran.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "missing.safetensors" in errors[0], ran.stderr
+    assert len([line for line in lines if re.fullmatch(r"stopped: rank [01] failed, see its error", line)]) <= 1
+    assert not _our_traceback(ran.stderr), ran.stderr
+
+
 def _ranks(launcher: int) -> Dict[int, int]:
     """RANK -> pid of the launcher's worker processes."""
     found = {}
