@@ -44,8 +44,9 @@ def use_cpu_kernels(model: VLMo, dtype: torch.dtype, announce: bool = False) -> 
                             for (shape, bias, gelu), kernel in sorted(choice.items())}
     if dtype == torch.bfloat16:
         units = bf16_matmul_units()
-        for block in model.transformer.blocks:
-            block.attn.per_head_bmm = units
+        for module in model.modules():
+            if hasattr(module, "per_head_bmm"):
+                module.per_head_bmm = units
         if not units and announce:
             print("note: oneDNN has no bf16 matmul on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; "
                   "AVX512-BF16 or AMX to be fast): bf16 runs on torch's generic kernels, slower than fp32",
