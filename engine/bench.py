@@ -25,7 +25,7 @@ from .atomic import write_json
 from .forward import TASK_INPUTS, pick_task, run_task
 from .runtime.config import VLMoConfig
 from .runtime.distributed import ParallelContext, barrier, gather_objects, synchronize
-from .runtime.kernels import gemm_peak_gflops
+from .runtime.kernels import bf16_matmul_units, gemm_peak_gflops
 from .runtime.loading import DTYPES, load_model
 from .runtime.shards import read_manifest
 from .tasks.cli import Engine, engine_options, one_line_errors, start_engine, writable
@@ -105,7 +105,11 @@ def device_name(device: torch.device) -> str:
         flags = _cpu_flags()
         isa = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else "avx2" if \
             "avx2" in flags else platform.machine()
-        return f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads/rank, {isa})"
+        # What the kernels use can be less than the CPU has (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): say both.
+        aten = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
+        onednn_bf16 = "yes" if bf16_matmul_units() else "no"
+        return (f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads/rank, {isa}; ATen {aten}, "
+                f"oneDNN bf16 {onednn_bf16})")
     module = getattr(torch, device.type)
     return f"{device.type}: {module.get_device_name(device)}"
 
