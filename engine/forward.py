@@ -16,11 +16,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .atomic import write_safetensors
+from .runtime.config import VLMoConfig
+from .runtime.model import VLMo
 from .runtime.shards import read_manifest
 from .tasks.cli import (ModelOutputError, UsageError, engine_options, one_line_errors, require_head, start_engine,
                         writable)
-from .runtime.config import VLMoConfig
-from .runtime.model import VLMo
+from .tasks.frontend import non_finite_rows
 
 TASK_INPUTS = {
     "vqa": ("text_ids", "text_masks", "image"),
@@ -88,8 +89,7 @@ def run_task(model: VLMo, task: str, inputs: Dict[str, torch.Tensor]) -> Dict[st
 
 def check_finite_outputs(outputs: Dict[str, torch.Tensor]) -> None:
     """A non-finite output is an error naming the samples (their positions in the inputs), never written."""
-    bad = sorted({int(i) for v in outputs.values() for i in (~torch.isfinite(v.float().reshape(len(v), -1)).all(1))
-                  .nonzero().flatten()})
+    bad = sorted({i for v in outputs.values() for i in non_finite_rows(v)})
     if bad:
         raise ModelOutputError(f"the model's output is not finite (NaN or Inf) for samples {bad} of the inputs; "
                                f"nothing written: check the checkpoint's weights and the --dtype")

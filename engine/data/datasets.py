@@ -73,14 +73,26 @@ def _tokens(tokenizer: TextTokenizer, text: str) -> dict:
     return {"text_ids": encoded["text_ids"][0], "text_masks": encoded["text_masks"][0]}
 
 
-class VQADataset(Dataset):
+class _PerTextDataset(Dataset):
+    """One item per element of a list column of a split (a question, a sentence), rows then elements in file
+    order; the row's image(s) decoded at `image_size`."""
+
+    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, column: str, tokenizer: TextTokenizer,
+                 image_size: int) -> None:
+        self._arrow = _LazyTable(arrow_dir, dataset, split)
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self._rows, self._positions = _flatten(self._arrow.table, column)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+class VQADataset(_PerTextDataset):
     """One item per question of vqav2_{split}.arrow, rows then questions in file order."""
 
     def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int) -> None:
-        self._arrow = _LazyTable(arrow_dir, "vqav2", split)
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self._rows, self._positions = _flatten(self._arrow.table, "question_id")
+        super().__init__(arrow_dir, "vqav2", split, "question_id", tokenizer, image_size)
         self._official, self.official_missing = self._official_annotations(Path(arrow_dir), split)
 
     def _official_annotations(self, arrow_dir: Path, split: str) -> Tuple[Optional[_LazyTable], Optional[str]]:
@@ -94,9 +106,6 @@ class VQADataset(Dataset):
             raise DataError(f"{arrow_dir / name} does not list the questions of {split_filename('vqav2', split)} "
                             f"in its order; write both again with `python -m engine.data vqav2`")
         return official, None
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
     def question_ids(self) -> list:
         """The question id of every item, in item order, without decoding any image."""
@@ -174,17 +183,11 @@ class KarpathyTextDataset(Dataset):
         }
 
 
-class NLVR2Dataset(Dataset):
+class NLVR2Dataset(_PerTextDataset):
     """One item per sentence of nlvr2_{split}.arrow; `label` is True when the sentence holds."""
 
     def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int) -> None:
-        self._arrow = _LazyTable(arrow_dir, "nlvr2", split)
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self._rows, self._positions = _flatten(self._arrow.table, "questions")
-
-    def __len__(self) -> int:
-        return len(self._rows)
+        super().__init__(arrow_dir, "nlvr2", split, "questions", tokenizer, image_size)
 
     def keys(self) -> list:
         """(identifier, question_index) of every item, in item order, without decoding any image.

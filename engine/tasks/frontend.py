@@ -147,14 +147,18 @@ def per_sample_step(run: Callable[[Dict[str, torch.Tensor]], torch.Tensor], name
     return step
 
 
+def non_finite_rows(rows: torch.Tensor) -> List[int]:
+    """Positions along the first dimension of the rows holding a NaN or an Inf."""
+    return (~torch.isfinite(rows.reshape(len(rows), -1)).all(dim=1)).nonzero().flatten().tolist()
+
+
 def _check_finite(rows: torch.Tensor, samples: List[Dict[str, Any]]) -> None:
-    finite = torch.isfinite(rows.reshape(len(rows), -1)).all(dim=1).tolist()
-    bad = [", ".join(f"{k} {v}" for k, v in sample.items()) for sample, good in zip(samples, finite) if not good]
+    bad = [", ".join(f"{k} {v}" for k, v in samples[i].items()) for i in non_finite_rows(rows)]
     if bad:
         more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
         raise ModelOutputError(f"the model's output is not finite (NaN or Inf) for {len(bad)} of {len(samples)} "
-                               f"samples of a batch ({'; '.join(bad[:_NAMED])}{more}); nothing recorded for "
-                               f"them: check the checkpoint's weights and the --dtype")
+                               f"samples of a batch ({'; '.join(bad[:_NAMED])}{more}); the run stops without "
+                               f"recording that batch: check the checkpoint's weights and the --dtype")
 
 
 def image_errors(records: Sequence[Record], names: Sequence[str]) -> List[Dict[str, Any]]:
