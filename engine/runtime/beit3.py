@@ -13,6 +13,7 @@ small statistics all-reduces; both experts' tokens share each of them.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -22,7 +23,9 @@ from torch import nn
 
 from .attention import KeySelection, attend, select_keys
 from .beit3_config import LAYERNORM_EPS, POSITION_OFFSET, BEiT3Config
-from .parallel import ColumnParallelLinear, RowParallelLinear, all_reduce_, linear
+from .collectives import TensorParallelComm
+from .kernels import linear
+from .parallel import ColumnParallelLinear, RowParallelLinear
 from .subln import split_layer_norm
 
 EXPERTS = ("A", "B")  # image, text
@@ -74,15 +77,15 @@ def each_expert(modules: Dict[str, nn.Module], parts: Parts) -> Parts:
     return [(expert, modules[expert](part)) for expert, part in parts]
 
 
-def column_parallel(layers: Dict[str, ColumnParallelLinear], parts: Parts, gelu: bool = False) -> Parts:
-    return [(e, layers[e](x.to(layers[e].weight.dtype), gelu=gelu)) for e, x in parts]
+def column_parallel(layers: Dict[str, ColumnParallelLinear], parts: Parts) -> Parts:
+    return [(e, layers[e](x.to(layers[e].weight.dtype))) for e, x in parts]
 
 
 def row_parallel(layers: Dict[str, RowParallelLinear], parts: Parts, par: "Parallel") -> torch.Tensor:
     """Both experts' row-parallel partial products, summed over the ranks in one all-reduce, then each bias once."""
     out = join([linear(x.to(layers[e].weight.dtype), layers[e].weight) for e, x in parts])
-    if par.size > 1:
-        all_reduce_(out, par.group)
+    if par.comm is not None:
+        par.comm.all_reduce_(out)
     start = 0
     for expert, x in parts:
         out[:, start:start + x.shape[1]] += layers[expert].bias
@@ -91,41 +94,52 @@ def row_parallel(layers: Dict[str, RowParallelLinear], parts: Parts, par: "Paral
 
 
 class Parallel:
-    """Where this rank sits in its tensor-parallel group (what the Sub-LNs and row-parallel layers need)."""
+    """Where this rank sits in its tensor-parallel group, its all-reduce (None at tp 1), and the host time spent
+    in the Sub-LN statistics all-reduces (part of the comm's own count; engine.bench reports it apart)."""
 
-    def __init__(self, tp_rank: int, tp_size: int, group: Optional[dist.ProcessGroup]) -> None:
-        self.rank, self.size, self.group = tp_rank, tp_size, group
+    def __init__(self, comm: Optional[TensorParallelComm]) -> None:
+        self.comm = comm
+        self.size = comm.size if comm else 1
+        self.rank = dist.get_rank(comm.group) if comm else 0
+        self.subln_seconds, self.subln_calls = 0.0, 0
+
+    def _timed_all_reduce(self, tensor: torch.Tensor) -> None:
+        start = time.perf_counter()
+        self.comm.all_reduce_(tensor)
+        self.subln_seconds += time.perf_counter() - start
+        self.subln_calls += 1
 
     def sub_layer_norm(self, norms: Dict[str, nn.Module], parts: Parts) -> Parts:
         normed = split_layer_norm([(x, norms[e].weight, norms[e].bias) for e, x in parts],
-                                  LAYERNORM_EPS, self.rank, self.size, self.group)
+                                  LAYERNORM_EPS, self.rank, self.size, self._timed_all_reduce)
         return [(expert, y) for (expert, _), y in zip(parts, normed)]
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: BEiT3Config, tp_size: int, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, cfg: BEiT3Config, comm: Optional[TensorParallelComm]) -> None:
         super().__init__()
-        local = cfg.ffn_dim // tp_size
-        self.fc1 = ColumnParallelLinear(cfg.embed_dim, local)
-        self.fc2 = RowParallelLinear(local, cfg.embed_dim, group, tp_size)
+        local = cfg.ffn_dim // (comm.size if comm else 1)
+        self.fc1 = ColumnParallelLinear(cfg.embed_dim, local, gelu=True)
+        self.fc2 = RowParallelLinear(local, cfg.embed_dim, comm)
         self.ffn_layernorm = LocalNorm(local)
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: BEiT3Config, tp_size: int, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, cfg: BEiT3Config, comm: Optional[TensorParallelComm]) -> None:
         super().__init__()
-        self.heads, self.head_dim = cfg.num_heads // tp_size, cfg.head_dim
+        self.heads, self.head_dim = cfg.num_heads // (comm.size if comm else 1), cfg.head_dim
         local = self.heads * self.head_dim
         for name in ("q_proj", "k_proj", "v_proj"):
             setattr(self, name, Multiway(lambda: ColumnParallelLinear(cfg.embed_dim, local)))
-        self.out_proj = Multiway(lambda: RowParallelLinear(local, cfg.embed_dim, group, tp_size))
+        self.out_proj = Multiway(lambda: RowParallelLinear(local, cfg.embed_dim, comm))
         self.inner_attn_ln = Multiway(lambda: LocalNorm(local))
         self.qkv: Optional[Multiway] = None  # q, k, v fused (q pre-scaled) by BEiT3.fold_scales
+        self.per_head_bmm = False  # bf16 attention as per-head matmuls (set by the loader, engine.runtime.attention)
 
     def fuse_qkv(self) -> None:
         """One [3·local, D] projection per expert instead of three, with 1/√d folded into the q rows."""
         scale = self.head_dim ** -0.5
-        fused = Multiway(lambda: ColumnParallelLinear(1, 1))
+        fused = Multiway(lambda: ColumnParallelLinear(1, 1))  # placeholders: the fused weights replace theirs
         for expert in EXPERTS:
             q, k, v = (getattr(getattr(self, name), expert) for name in ("q_proj", "k_proj", "v_proj"))
             layer = getattr(fused, expert)
@@ -139,28 +153,28 @@ class SelfAttention(nn.Module):
         B, N, _ = qkv.shape
         q, k, v = qkv.view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if keys.per_sample is None:
-            out = attend(q, k, v, None, 1.0)
+            out = attend(q, k, v, None, 1.0, self.per_head_bmm)
         else:  # padded text keys left out; image keys come first, so a sample's real keys are a prefix
-            out = torch.cat([attend(q[b:b + 1], k[b:b + 1, :, kept], v[b:b + 1, :, kept], None, 1.0)
-                             for b, kept in enumerate(keys.per_sample)])
+            out = torch.cat([attend(q[b:b + 1], k[b:b + 1, :, kept], v[b:b + 1, :, kept], None, 1.0,
+                                    self.per_head_bmm) for b, kept in enumerate(keys.per_sample)])
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
         heads = [(e, y) for (e, _), y in zip(parts, out.split([x.shape[1] for _, x in parts], dim=1))]
         return row_parallel(experts(self.out_proj), par.sub_layer_norm(experts(self.inner_attn_ln), heads), par)
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: BEiT3Config, tp_size: int, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, cfg: BEiT3Config, comm: Optional[TensorParallelComm]) -> None:
         super().__init__()
         D = cfg.embed_dim
-        self.self_attn = SelfAttention(cfg, tp_size, group)
+        self.self_attn = SelfAttention(cfg, comm)
         self.self_attn_layer_norm = Multiway(lambda: _layer_norm(D))
-        self.ffn = Multiway(lambda: FeedForward(cfg, tp_size, group))
+        self.ffn = Multiway(lambda: FeedForward(cfg, comm))
         self.final_layer_norm = Multiway(lambda: _layer_norm(D))
 
     def forward(self, x: torch.Tensor, split: int, keys: KeySelection, par: Parallel) -> torch.Tensor:
         x = x + self.self_attn(each_expert(experts(self.self_attn_layer_norm), split_parts(x, split)), keys, par)
         hidden = column_parallel(experts(self.ffn, "fc1"),
-                                 each_expert(experts(self.final_layer_norm), split_parts(x, split)), gelu=True)
+                                 each_expert(experts(self.final_layer_norm), split_parts(x, split)))
         hidden = par.sub_layer_norm(experts(self.ffn, "ffn_layernorm"), hidden)
         return x + row_parallel(experts(self.ffn, "fc2"), hidden, par)
 
@@ -174,21 +188,21 @@ class VisionEmbedding(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: BEiT3Config, tp_size: int, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, cfg: BEiT3Config, comm: Optional[TensorParallelComm]) -> None:
         super().__init__()
         D = cfg.embed_dim
         self.embed_positions = Multiway(lambda: _embedding(cfg.num_image_tokens + POSITION_OFFSET, D),
                                         lambda: _embedding(cfg.text_positions, D))
-        self.layers = nn.ModuleList(EncoderLayer(cfg, tp_size, group) for _ in range(cfg.depth))
+        self.layers = nn.ModuleList(EncoderLayer(cfg, comm) for _ in range(cfg.depth))
         self.layer_norm = Multiway(lambda: _layer_norm(D)) if cfg.normalize_output else None
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: BEiT3Config, tp_size: int, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, cfg: BEiT3Config, comm: Optional[TensorParallelComm]) -> None:
         super().__init__()
         self.text_embed = _embedding(cfg.vocab_size, cfg.embed_dim)
         self.vision_embed = VisionEmbedding(cfg)
-        self.encoder = Encoder(cfg, tp_size, group)
+        self.encoder = Encoder(cfg, comm)
 
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
@@ -235,13 +249,14 @@ def _vqa_head(dim: int, labels: int) -> nn.Sequential:
 class BEiT3(nn.Module):
     """The same task interface as engine.runtime.model.VLMo: `text_masks` is 1 on real tokens."""
 
-    def __init__(self, cfg: BEiT3Config, tp_size: int = 1, group: Optional[dist.ProcessGroup] = None,
-                 tp_rank: int = 0) -> None:
+    def __init__(self, cfg: BEiT3Config, comm: Optional[TensorParallelComm] = None) -> None:
+        """One tensor-parallel rank's part of the model; `comm` is its group's all-reduce (None at tp 1)."""
         super().__init__()
-        self.cfg, self.tp_size = cfg, tp_size
-        self.par = Parallel(tp_rank, tp_size, group)
+        self.cfg = cfg
+        self.par = Parallel(comm)
+        self.tp_size = self.par.size
         D = cfg.embed_dim
-        self.beit3 = Backbone(cfg, tp_size, group)
+        self.beit3 = Backbone(cfg, comm)
         if cfg.vqa_labels:
             self.pooler = Pooler(D)
             self.head = _vqa_head(D, cfg.vqa_labels)
@@ -271,6 +286,10 @@ class BEiT3(nn.Module):
                 expert.fc2.to(dtype)
         self.beit3.vision_embed.proj.to(dtype)
         return self
+
+    def subln_allreduce(self) -> Tuple[float, int]:
+        """Host seconds spent in the Sub-LN statistics all-reduces so far, and their number."""
+        return self.par.subln_seconds, self.par.subln_calls
 
     def cached_position_biases(self) -> List[torch.Tensor]:
         return []  # no relative position bias (engine.bench asks)

@@ -17,24 +17,10 @@ Both Multiway experts' tokens share the one all-reduce. Statistics are always fp
 """
 from __future__ import annotations
 
-import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-
-from .parallel import all_reduce_
-
-
-class SubLNTimer:
-    """Host time spent in the Sub-LN statistics all-reduces, and their count (engine.bench reports them)."""
-    seconds = 0.0
-    calls = 0
-
-    @classmethod
-    def total(cls) -> Tuple[float, int]:
-        return cls.seconds, cls.calls
 
 
 def chunk_statistics(x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +39,9 @@ def merge_statistics(stats: torch.Tensor, chunk: int, eps: float) -> Tuple[torch
 
 
 def split_layer_norm(parts: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], eps: float,
-                     tp_rank: int, tp_size: int, group: Optional[dist.ProcessGroup]) -> List[torch.Tensor]:
-    """LayerNorm each (x [B, N_i, n], local weight [n], local bias [n]) over the full tp·n features, in fp32.
+                     tp_rank: int, tp_size: int, all_reduce: Callable[[torch.Tensor], object]) -> List[torch.Tensor]:
+    """LayerNorm each (x [B, N_i, n], local weight [n], local bias [n]) over the full tp·n features, in fp32;
+    `all_reduce` sums a tensor in place over the group.
 
     Every rank of the group must call this with the same token counts (they hold the same tokens).
     """
@@ -64,10 +51,7 @@ def split_layer_norm(parts: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Ten
     counts = [s.shape[0] for s in local]
     buffer = torch.zeros(tp_size, sum(counts), 2, dtype=torch.float32, device=local[0].device)
     buffer[tp_rank].copy_(torch.cat(local))
-    start = time.perf_counter()
-    all_reduce_(buffer, group)
-    SubLNTimer.seconds += time.perf_counter() - start
-    SubLNTimer.calls += 1
+    all_reduce(buffer)
     out = []
     for (x, w, b), stats in zip(parts, buffer.split(counts, dim=1)):
         mean, rstd = merge_statistics(stats, x.shape[-1], eps)
