@@ -300,3 +300,35 @@ def test_a_rank_that_dies_or_hangs_fails_pending_requests_with_503_and_the_serve
             assert doomed.wait(timeout=60) != 0
     finally:
         doomed.kill()
+
+
+def test_the_web_page_in_a_headless_browser_shows_the_top_5_answers_and_the_latency(server: Server) -> None:
+    from _browser import Browser, find_browser
+
+    executable = find_browser()
+    if executable is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's `chromium` package)")
+    q = QUESTIONS[3]
+    image = RAW / "val2014" / f"COCO_val2014_{q['image_id']:012d}.jpg"
+    browser = Browser(executable)
+    try:
+        tab = browser.open(server.url + "/")
+        tab.choose_file("#image", str(image))
+        assert tab.wait_for("document.getElementById('preview').style.display === 'block'")
+        tab.evaluate(f"document.getElementById('question').value = {json.dumps(q['question'])};"
+                     "document.getElementById('submit').click()")
+        shown = json.loads(tab.wait_for(
+            "document.querySelectorAll('#answers .answer').length === 5 && JSON.stringify({"
+            "rows: [...document.querySelectorAll('#answers .answer')].map(r => [r.querySelector('.name')"
+            ".textContent, parseFloat(r.querySelector('.fill').style.width)]),"
+            "latency: document.getElementById('latency').textContent})"))
+    finally:
+        browser.close()
+    expected = json.loads(EXPECTED.read_text())["predictions"][str(q["question_id"])]
+    _, _, reply = ask_json(server, q)
+    assert [name for name, _ in shown["rows"]] == [t["answer"] for t in reply["top_k"]]
+    assert shown["rows"][0][0] == expected["answer"]
+    widths = [w for _, w in shown["rows"]]
+    assert widths == sorted(widths, reverse=True) and 0 < sum(widths) <= 100.5
+    assert widths[0] == pytest.approx(100 * reply["top_k"][0]["probability"], abs=0.06)
+    assert shown["latency"].startswith("server ") and " ms" in shown["latency"]
