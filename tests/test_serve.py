@@ -332,3 +332,22 @@ def test_the_web_page_in_a_headless_browser_shows_the_top_5_answers_and_the_late
     assert widths == sorted(widths, reverse=True) and 0 < sum(widths) <= 100.5
     assert widths[0] == pytest.approx(100 * reply["top_k"][0]["probability"], abs=0.06)
     assert shown["latency"].startswith("server ") and " ms" in shown["latency"]
+
+
+def test_engine_ask_prints_the_answer_and_top_k_and_refuses_bad_input_in_one_line(shards: Path) -> None:
+    from _run import invoke_refused, run_torchrun
+    from engine.ask import main as ask_main
+
+    q = QUESTIONS[5]
+    image = RAW / "val2014" / f"COCO_val2014_{q['image_id']:012d}.jpg"
+    ran = run_torchrun(2, "engine.ask", ["--shards", shards, "--answers", ANSWERS, "--image", image,
+                                         "--question", q["question"], "--device", "cpu", "--top-k", 3, "--json"])
+    assert ran.returncode == 0, ran.stderr
+    (line,) = ran.stdout.splitlines()
+    result = json.loads(line)
+    expected = json.loads(EXPECTED.read_text())["predictions"][str(q["question_id"])]
+    assert (result["answer"], result["label"]) == (expected["answer"], expected["label"])
+    assert len(result["top_k"]) == 3 and result["top_k"][0]["answer"] == expected["answer"]
+    invoke_refused(ask_main, ["--shards", shards, "--answers", ANSWERS, "--image", ANSWERS, "--question", "what?"],
+                   "cannot decode image", str(ANSWERS))
+    invoke_refused(ask_main, ["--shards", shards, "--image", image, "--question", "what?"], "--answers")
