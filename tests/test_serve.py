@@ -351,3 +351,36 @@ def test_engine_ask_prints_the_answer_and_top_k_and_refuses_bad_input_in_one_lin
     invoke_refused(ask_main, ["--shards", shards, "--answers", ANSWERS, "--image", ANSWERS, "--question", "what?"],
                    "cannot decode image", str(ANSWERS))
     invoke_refused(ask_main, ["--shards", shards, "--image", image, "--question", "what?"], "--answers")
+
+
+def test_loadgen_reports_latency_percentiles_and_rate_against_the_server(server: Server, tmp_path: Path) -> None:
+    from _run import run_module
+
+    out = tmp_path / "load.json"
+    ran = run_module("engine.loadgen", ["--url", server.url, "--data", GOLDEN / "vqav2_arrow_published",
+                                        "--split", "val", "--requests", 12, "--rate", 40, "--concurrency", 4,
+                                        "--endpoint", "chat", "--json", out])
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(out.read_text())
+    assert (report["requests"], report["ok"], report["errors"], report["offered_rate"]) == (12, 12, {}, 40)
+    lat = report["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] and report["requests_per_s"] > 0
+    assert "req/s" in ran.stdout and "p99" in ran.stdout
+    refused = run_module("engine.loadgen", ["--url", server.url, "--data", tmp_path, "--requests", 1, "--rate", "inf"])
+    assert refused.returncode == 1 and refused.stderr.startswith("error: missing arrow file")
+
+
+def test_loadgen_arrivals_are_poisson_with_the_requested_rate() -> None:
+    from engine.loadgen import arrival_times
+
+    times = arrival_times(20000, 8.0, seed=1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0 and all(g >= 0 for g in gaps)
+    mean = sum(gaps) / len(gaps)
+    assert mean == pytest.approx(1 / 8, rel=0.03)
+    # exponential gaps: standard deviation equals the mean, and P(gap > mean) = 1/e
+    std = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5
+    assert std == pytest.approx(mean, rel=0.05)
+    assert sum(g > mean for g in gaps) / len(gaps) == pytest.approx(0.3679, abs=0.015)
+    assert arrival_times(5, float("inf"), seed=0) == [0.0] * 5
+    assert arrival_times(50, 8.0, seed=1) == times[:50]
