@@ -23,7 +23,7 @@ DTYPES ?= fp32 bf16
 BENCH_ITERS ?= 3
 BENCH_ARGS ?=
 
-.PHONY: install test shard verify clean demo bench
+.PHONY: install test shard verify clean demo bench serve bench-serve
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: install
 	$(PY) -m engine.demo $(DEMO_ARGS)
+
+# The demo's random VLMo-base 480 behind engine.serve at tp 2 on http://127.0.0.1:8000 (Ctrl-C stops it).
+serve: install
+	$(PY) -m engine.demo --serve $(DEMO_ARGS)
+
+# engine.serve under load: overhead vs engine.bench, dynamic batching vs batch 1, latency vs rate (bench/serve/).
+BENCH_SERVE_ARGS ?=
+bench-serve: install
+	$(PY) -m engine.tools.bench_serve $(BENCH_SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests
