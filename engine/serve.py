@@ -83,9 +83,10 @@ def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional
             outcome.append(1)
 
     deadline = []
-    # SIGTERM (torchrun forwards it to every rank) must not stop this rank before rank 0 has finished the
-    # requests in flight: rank 0 stops it; it leaves by itself only if that does not happen in time.
-    signal.signal(signal.SIGTERM, lambda *_: deadline.append(time.monotonic() + STOP_GRACE_S))
+    # SIGTERM (torchrun forwards it to every rank) or Ctrl-C must not stop this rank before rank 0 has finished
+    # the requests in flight: rank 0 stops it; it leaves by itself only if that does not happen in time.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: deadline.append(time.monotonic() + STOP_GRACE_S))
     worker = threading.Thread(target=work, daemon=True, name="follower")
     worker.start()
     while worker.is_alive() and not (deadline and time.monotonic() > deadline[0]):

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from ..runtime.config import VLMoConfig
 from .batcher import Batcher, Job, QueueFull, Result, Unavailable
 from .metrics import ServerMetrics
+from .middleware import RETRY_AFTER, BodyLimit, Counted, error_response
 from .page import page_html
 from .payloads import (Prepared, Preprocessor, chat_response, embeddings_response, nlvr2_response, required,
                        top_k_of, vqa_response)
@@ -27,7 +28,6 @@ from .preprocess import RequestError, check_image_size
 from .runner import Runner
 from .tasks import IMAGE_EMBEDDING, NLVR2, VQA
 
-RETRY_AFTER_S = "1"
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/vqa", "/v1/chat/completions", "/v1/embeddings",
              "/v1/nlvr2")
 
@@ -50,82 +50,26 @@ class ServerState:
     created: int
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class _BodyLimit:
-    """413 for a body over --max-body-bytes: from Content-Length up front, or while a chunked body streams in."""
-
-    def __init__(self, app: Callable, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            too_large = _error(413, f"request body larger than --max-body-bytes {self.limit}")
-            return await too_large(scope, receive, send)
-        seen = 0
-
-        async def bounded() -> Dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise RequestError(f"request body larger than --max-body-bytes {self.limit}", 413)
-            return message
-
-        await self.app(scope, bounded, send)
-
-
-class _Counted:
-    """Requests by endpoint and status, and their latency (unknown paths count as "other")."""
-
-    def __init__(self, app: Callable, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        began = time.perf_counter()
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        status = ["500"]
-
-        async def noted(message: Dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = str(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, noted)
-        finally:
-            self.metrics.requests.labels(endpoint, status[0]).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - began)
-
-
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="vlmo-tp", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = state.metrics
 
     # The metrics wrapper is outermost so that it also counts the body-size refusals.
-    app.add_middleware(_BodyLimit, limit=state.max_body_bytes)
-    app.add_middleware(_Counted, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=state.max_body_bytes)
+    app.add_middleware(Counted, metrics=metrics, endpoints=ENDPOINTS)
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, exc: RequestError) -> JSONResponse:
-        return _error(exc.status, str(exc))
+        return error_response(exc.status, str(exc))
 
     @app.exception_handler(QueueFull)
     @app.exception_handler(Unavailable)
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
-        return _error(503, str(exc))
+        return error_response(503, str(exc))
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+    async def httperror_response(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
 
     async def offload(fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
@@ -161,9 +105,9 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.runner.failure:
-            return _error(503, state.runner.failure)
+            return error_response(503, state.runner.failure)
         if not state.runner.ready:
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": RETRY_AFTER})
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
