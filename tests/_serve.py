@@ -35,6 +35,8 @@ class Server:
         self.port = int(self.port)
         self.first_health = self.get("/health")[0]
         self._wait_for("ready: ", ready_s)
+        # torchrun starts its workers in sessions of their own: remember them, to clean up after a test
+        self.workers = self._children()
 
     def _read(self) -> None:
         for line in self.proc.stderr:
@@ -81,14 +83,18 @@ class Server:
         body, kind = multipart(fields, files)
         return self.request("POST", path, body, {"content-type": kind})
 
+    def _children(self) -> List[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
     def rank_pid(self, rank: int) -> int:
         """The pid of torchrun's worker with RANK `rank` (or the process itself at tp 1)."""
         if self.proc.args[1:3] == ["-m", "engine.serve"]:
             return self.proc.pid
-        for child in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split():
+        for child in self.workers:
             environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
             if f"RANK={rank}".encode() in environ:
-                return int(child)
+                return child
         raise AssertionError(f"no worker with RANK={rank}")
 
     def wait(self, timeout: float) -> int:
@@ -98,6 +104,11 @@ class Server:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        for pid in self.workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def multipart(fields: Dict[str, str], files: Dict[str, bytes]) -> Tuple[bytes, str]:

@@ -384,3 +384,20 @@ def test_loadgen_arrivals_are_poisson_with_the_requested_rate() -> None:
     assert sum(g > mean for g in gaps) / len(gaps) == pytest.approx(0.3679, abs=0.015)
     assert arrival_times(5, float("inf"), seed=0) == [0.0] * 5
     assert arrival_times(50, 8.0, seed=1) == times[:50]
+
+
+def test_serve_refuses_in_one_line_before_loading(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from _run import invoke_refused
+    from engine.serve import main as serve_main
+
+    base = ["--shards", shards, "--answers", ANSWERS, "--device", "cpu"]
+    for world in ("1", "4"):  # one server is one model copy: exactly tp processes
+        monkeypatch.setenv("WORLD_SIZE", world)
+        invoke_refused(serve_main, base, "cut for tp 2", "--nproc-per-node 2", f"not {world} processes")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    invoke_refused(serve_main, base[:2] + base[4:], "--answers: required for a VQA checkpoint")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        invoke_refused(serve_main, [*base, "--port", taken.getsockname()[1]], "cannot listen on 127.0.0.1:")

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,7 +38,8 @@ class ServerProcess:
         self.port = _free_port()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(TP), "--master-port",
                str(_free_port()), "-m", "engine.serve", "--shards", str(shards), "--answers", str(answers),
-               "--device", "cpu", "--dtype", dtype, "--threads", str(threads), "--port", str(self.port), *extra]
+               "--device", "cpu", "--dtype", dtype, "--threads", str(threads), "--port", str(self.port),
+               "--request-timeout", "3600", *extra]  # a saturated queue of full-size requests waits minutes
         click.echo("$ " + " ".join(cmd), err=True)
         self.proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,12 +56,13 @@ class ServerProcess:
         except OSError:
             return False
 
-    def _rank_zero(self) -> Optional[int]:
+    def _workers(self) -> List[int]:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        for pid in children.read_text().split() if children.exists() else []:
-            if b"RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                return int(pid)
-        return None
+        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+    def _rank_zero(self) -> Optional[int]:
+        return next((pid for pid in self._workers()
+                     if b"RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")), None)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -69,7 +72,11 @@ class ServerProcess:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                workers = self._workers()  # in sessions of their own: a killpg of torchrun misses them
                 os.killpg(self.proc.pid, signal.SIGKILL)
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 self.proc.wait()
 
 
