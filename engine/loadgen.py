@@ -66,9 +66,9 @@ def arrival_times(n: int, rate: float, seed: int) -> List[float]:
 
 def percentiles(values: Sequence[float]) -> Dict[str, Optional[float]]:
     if not values:
-        return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+        return {"mean": None, "min": None, "p50": None, "p90": None, "p99": None, "max": None}
     array = np.asarray(values)
-    return {"mean": float(array.mean()), "p50": float(np.percentile(array, 50)),
+    return {"mean": float(array.mean()), "min": float(array.min()), "p50": float(np.percentile(array, 50)),
             "p90": float(np.percentile(array, 90)), "p99": float(np.percentile(array, 99)), "max": float(array.max())}
 
 
@@ -80,26 +80,40 @@ class Client:
         self.host, self.port = parsed.hostname, parsed.port or 80
         self.path, self.timeout = path, timeout
 
-    def post(self, body: bytes) -> Tuple[Any, float]:
-        """(status or the error's name, seconds)."""
+    def post(self, body: bytes) -> Tuple[Any, float, Optional[float]]:
+        """(status or the error's name, seconds, the server's forward time in ms when it says)."""
         began = time.perf_counter()
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        forward_ms = None
         try:
             conn.request("POST", self.path, body=body, headers={"content-type": "application/json"})
             response = conn.getresponse()
-            response.read()
+            data = response.read()
             status: Any = response.status
         except (OSError, http.client.HTTPException) as exc:
             status = type(exc).__name__
         finally:
             conn.close()
-        return status, time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        if status == 200:
+            forward_ms = _forward_ms(data)
+        return status, seconds, forward_ms
+
+
+def _forward_ms(data: bytes) -> Optional[float]:
+    """engine.serve's `forward_ms` (top level, or under `vlmo` in OpenAI-shaped replies), if the reply has it."""
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        return None
+    value = reply.get("forward_ms", (reply.get("vlmo") or {}).get("forward_ms")) if isinstance(reply, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def run_load(client: Client, bodies: Sequence[bytes], rate: float, concurrency: int, seed: int) -> Dict[str, Any]:
     due = arrival_times(len(bodies), rate, seed)
     slots = threading.Semaphore(concurrency)
-    outcomes: List[Tuple[Any, float]] = []
+    outcomes: List[Tuple[Any, float, Optional[float]]] = []
     lock = threading.Lock()
 
     def send(body: bytes) -> None:
@@ -119,12 +133,16 @@ def run_load(client: Client, bodies: Sequence[bytes], rate: float, concurrency: 
             slots.acquire()
             pool.submit(send, body)
     wall = time.perf_counter() - start
-    ok = [seconds for status, seconds in outcomes if status == 200]
-    errors = Counter(str(status) for status, _ in outcomes if status != 200)
+    ok = [(seconds, forward) for status, seconds, forward in outcomes if status == 200]
+    errors = Counter(str(status) for status, _, _ in outcomes if status != 200)
+    split = [(1e3 * seconds, forward) for seconds, forward in ok if forward is not None]
     return {"requests": len(bodies), "ok": len(ok), "errors": dict(errors), "wall_s": wall,
             "requests_per_s": len(ok) / wall if wall > 0 else None,
             "offered_rate": None if rate == float("inf") else rate, "concurrency": concurrency,
-            "latency_ms": {k: (None if v is None else 1e3 * v) for k, v in percentiles(ok).items()}}
+            "latency_ms": percentiles([1e3 * seconds for seconds, _ in ok]),
+            # per request, what the server spent in its batch's forward and everything else end to end
+            "forward_ms": percentiles([forward for _, forward in split]),
+            "outside_forward_ms": percentiles([total - forward for total, forward in split])}
 
 
 def summary_line(report: Dict[str, Any]) -> str:
@@ -133,8 +151,11 @@ def summary_line(report: Dict[str, Any]) -> str:
     errors = sum(report["errors"].values())
     latency = ("no successful request" if lat["p50"] is None else
                f"latency p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f}, p99 {lat['p99']:.1f}")
+    inside = report["forward_ms"]["p50"]
+    split = "" if inside is None else (f" (server forward p50 {inside:.1f} ms, the rest p50 "
+                                       f"{report['outside_forward_ms']['p50']:.1f} ms)")
     return (f"{report['requests']} requests at rate {rate}, concurrency {report['concurrency']}: "
-            f"{report['requests_per_s']:.2f} req/s, {latency}, {errors} errors"
+            f"{report['requests_per_s']:.2f} req/s, {latency}{split}, {errors} errors"
             + (f" {report['errors']}" if errors else ""))
 
 

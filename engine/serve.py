@@ -179,12 +179,12 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     runner = Runner(batcher, metrics, timeout_s, on_fatal)
     state = ServerState(
         cfg=cfg, model_id=model_id or model_name(manifest, shard_dir), tp=manifest.tp,
-        dtype=dtype or "", kinds=kinds, answers=answers, preprocessor=preprocessor, batcher=batcher,
+        dtype=dtype, kinds=kinds, answers=answers, preprocessor=preprocessor, batcher=batcher,
         runner=runner, metrics=metrics, pool=ThreadPoolExecutor(preprocess_threads, thread_name_prefix="prep"),
         request_timeout_s=request_timeout_s, created=int(time.time()),
         max_body_bytes=max_body_bytes or 3 * max_image_bytes + (1 << 20))
     server = _Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=drain_timeout_s, lifespan="off"))
+                                    timeout_graceful_shutdown=drain_timeout_s, lifespan="off"))
     server.on_exit = batcher.close
     bound = sock.getsockname()
     click.echo(f"listening on http://{bound[0]}:{bound[1]} (loading the model)", err=True)
@@ -200,8 +200,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         click.echo(f"ready: {state.model_id} ({', '.join(kinds)}; tp {manifest.tp}, {engine.dtype})", err=True)
         runner.loop()
 
-    # uvicorn re-raises the signal after its graceful shutdown, into the handler in place before it: this one.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn re-raises the signal after its graceful shutdown, into the handler in place before it: these.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     engine_thread = threading.Thread(target=load_and_serve, daemon=True, name="engine")
     engine_thread.start()
     threading.Thread(target=runner.watch, daemon=True, name="watchdog").start()

@@ -37,7 +37,7 @@ class ServerState:
     cfg: VLMoConfig
     model_id: str
     tp: int
-    dtype: str
+    dtype: Optional[str]  # known once the model is loaded (the device's default unless --dtype)
     kinds: Sequence[str]
     answers: Optional[List[str]]
     preprocessor: Preprocessor
@@ -97,6 +97,7 @@ def build_app(state: ServerState) -> FastAPI:
     def answered(began: float, prepared: Sequence[Prepared], results: Sequence[Result]) -> Dict[str, Any]:
         notes = [n for p in prepared for n in p.notes]
         extra: Dict[str, Any] = {"latency_ms": 1e3 * (time.perf_counter() - began),
+                                 "forward_ms": max(r.forward_ms for r in results),
                                  "batch_size": results[0].batch_size, "truncated": bool(notes)}
         if notes:
             extra["warning"] = "; ".join(notes)
