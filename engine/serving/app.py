@@ -147,7 +147,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(request: Request) -> Dict[str, Any]:
         began = time.perf_counter()
         need(VQA, "VQA")
-        prepared, data = await offload(state.preprocessor.chat_json, await request.body())
+        prepared, _ = await offload(state.preprocessor.chat_json, await request.body())
         results = await run([prepared])
         answer = vqa_response(results[0].output, state.answers, 1)["answer"]
         response = chat_response(answer, state.model_id, prepared.tokens)
