@@ -74,11 +74,20 @@ def test_embeddings_equal_engine_retrieval_save_embeddings(retrieval, tmp_path: 
     status, _, one = server.post_json("/v1/embeddings", {"input": captions[1]})
     assert status == 200 and torch.allclose(torch.tensor(one["data"][0]["embedding"]), want["text_embeds"][1],
                                             atol=1e-5)
+    # images inside `input`, as multimodal embedding clients send them, mixed with texts
+    mixed = [captions[0], "data:image/jpeg;base64," + b64(images[1]), {"image": b64(images[2])},
+             {"image_url": {"url": "data:image/jpeg;base64," + b64(images[0])}}, {"text": captions[2]}]
+    status, _, body = server.post_json("/v1/embeddings", {"input": mixed})
+    assert status == 200, body
+    got = torch.tensor([d["embedding"] for d in body["data"]])
+    wanted = torch.stack([want["text_embeds"][0], want["image_embeds"][1], want["image_embeds"][2],
+                          want["image_embeds"][0], want["text_embeds"][2]])
+    assert torch.allclose(got, wanted, atol=1e-5)
 
 
 def test_embeddings_refuse_bad_inputs_and_other_heads(retrieval) -> None:
     _, server = retrieval
-    for body in ({}, {"input": []}, {"input": [1, 2]}, {"input": ["a"], "images": ["b"]}, {"images": ["%%"]},
+    for body in ({}, {"input": []}, {"input": [1, 2]}, {"input": [{"video": "x"}]}, {"input": ["a"], "images": ["b"]}, {"images": ["%%"]},
                  {"input": ["a"], "encoding_format": "int8"}):
         status, _, reply = server.post_json("/v1/embeddings", body)
         assert status == 400 and set(reply) == {"error"}, (body, reply)

@@ -119,28 +119,47 @@ class Preprocessor:
         return self.vqa(self.encoded_image(image, "image_url"), question), data
 
     def embeddings_json(self, body: bytes, max_items: int) -> Tuple[List[Prepared], Dict[str, Any]]:
-        """Texts (`input`) or images (`images`, base64 or data URIs): one job each."""
+        """One job per input: `input` texts, `images` (base64 or data URIs), or `input` items that are images
+        (a data URI string, {"image": ...}, {"image_url": {"url": ...}}) or {"text": ...}."""
         data = parse_json(body)
         texts, images = data.get("input"), data.get("images")
         if (texts is None) == (images is None):
             raise RequestError("send either 'input' (texts) or 'images' (base64 images or data URIs)")
+        field_name = "input" if texts is not None else "images"
         items = texts if texts is not None else images
-        if isinstance(items, str):
+        if isinstance(items, (str, dict)):
             items = [items]
         if not isinstance(items, list) or not items:
-            raise RequestError(f"{'input' if texts is not None else 'images'}: expected a non-empty list")
+            raise RequestError(f"{field_name}: expected a non-empty list")
         if len(items) > max_items:
             raise RequestError(f"at most {max_items} inputs per request, got {len(items)}", 413)
         if data.get("encoding_format", "float") not in ("float", "base64"):
             raise RequestError("encoding_format: expected 'float' or 'base64'")
-        if texts is not None:
-            jobs = []
-            for i, text in enumerate(items):
-                tensors, tokens, notes = self._text(text, f"input[{i}]")
+        jobs = []
+        for i, item in enumerate(items):
+            name = f"{field_name}[{i}]"
+            kind, value = (IMAGE_EMBEDDING, item) if images is not None else _embedding_input(item, name)
+            if kind == IMAGE_EMBEDDING:
+                jobs.append(Prepared(IMAGE_EMBEDDING, {"image": self.encoded_image(value, name)}))
+            else:
+                tensors, tokens, notes = self._text(value, name)
                 jobs.append(Prepared(TEXT_EMBEDDING, tensors, tokens, notes))
-            return jobs, data
-        return [Prepared(IMAGE_EMBEDDING, {"image": self.encoded_image(v, f"images[{i}]")})
-                for i, v in enumerate(items)], data
+        return jobs, data
+
+
+def _embedding_input(item: Any, name: str) -> Tuple[str, Any]:
+    """(kind, value) of one `input` item: a text, or an image given as a data URI or an image object."""
+    if isinstance(item, str):
+        return (IMAGE_EMBEDDING, item) if item.lower().startswith("data:image/") else (TEXT_EMBEDDING, item)
+    if isinstance(item, dict):
+        if "text" in item:
+            return TEXT_EMBEDDING, item["text"]
+        image = item.get("image", item.get("image_url"))
+        if isinstance(image, dict):
+            image = image.get("url")
+        if image is not None:
+            return IMAGE_EMBEDDING, image
+    raise RequestError(f"{name}: expected a text, a data URI, or an object with 'text', 'image' or 'image_url'")
 
 
 def _chat_parts(content: Any) -> Tuple[str, str]:
