@@ -52,7 +52,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     wanted = 1 if kind == VQA else 2
     if len(images) != wanted:
         raise UsageError(f"--image: a {kind.upper()} checkpoint takes {wanted} image(s), got {len(images)}")
-    answers = answer_table(answers_path, cfg.vqa_labels, shard_dir) if kind == VQA and answers_path else None
+    answers = answer_table(answers_path, cfg.vqa_labels) if kind == VQA and answers_path else None
     if kind == VQA and answers is None:
         raise UsageError("--answers: required for a VQA checkpoint (its answer2label.txt)")
     limits = Limits(max_image_bytes=1 << 62, max_image_pixels=1 << 62)

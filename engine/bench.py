@@ -10,7 +10,6 @@ compares like with like. Rank 0 prints a summary and writes the JSON.
 """
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import time
@@ -18,17 +17,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import click
-import numpy as np
 import torch
 
-from .runtime.shards import read_manifest
-
-from .tasks.cli import Engine, engine_options, one_line_errors
-from .runtime.config import VLMoConfig
-from .runtime.distributed import ParallelContext, barrier, gather_objects, init_parallel, synchronize
+from .atomic import write_json
 from .forward import TASK_INPUTS, pick_task, run_task
-from .runtime.loading import DTYPES, default_dtype, load_model
+from .runtime.config import VLMoConfig
+from .runtime.distributed import ParallelContext, barrier, gather_objects, synchronize
+from .runtime.loading import DTYPES, load_model
 from .runtime.parallel import CommTimer
+from .runtime.shards import read_manifest
+from .tasks.cli import Engine, engine_options, one_line_errors, start_engine, writable
+from .tasks.metrics import percentiles_ms
 
 CLS, SEP = 101, 102  # bert-base-uncased [CLS], [SEP]
 QUESTION_TOKENS = (6, 17)  # VQAv2 questions are ~6-16 WordPiece tokens with [CLS] and [SEP]
@@ -83,13 +82,6 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = PEA
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best / 1e9
-
-
-def latency_stats(seconds: List[float]) -> Dict[str, float]:
-    ms = np.asarray(seconds) * 1e3
-    return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)), "min": float(ms.min()), "max": float(ms.max()),
-            "std": float(ms.std())}
 
 
 def device_name(device: torch.device) -> str:
@@ -162,16 +154,10 @@ def compare_fp32(shard_dir: Path, engine: Engine, task: str, inputs: Dict[str, t
 
 def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
               batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool) -> Dict[str, Any]:
-    manifest = read_manifest(shard_dir)
-    ctx = init_parallel(device, manifest.tp, timeout_s, threads)
-    dtype = dtype or default_dtype(ctx.device)
-    barrier(ctx)
-    start = time.perf_counter()
-    model = load_model(shard_dir, ctx, dtype, manifest)
-    load_s = time.perf_counter() - start
-    engine = Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype)
-    cfg = manifest.config
+    cfg = read_manifest(shard_dir).config
     task = pick_task(cfg, task)
+    engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
+    ctx, model, dtype = engine.ctx, engine.model, engine.dtype
     inputs = synthetic_inputs(cfg, task, batch_size, ctx.device)
 
     timed = time_forward(engine, task, inputs, warmup, iters)
@@ -181,7 +167,7 @@ def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optio
         if check_fp32 and dtype != "fp32" else None
     mine = {
         "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"], "peak": peak,
-        "load_s": load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes(model.parameters()),
+        "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes(model.parameters()),
         "position_bias": _module_bytes(model.cached_position_biases()),
     }
     ranks = gather_objects(ctx, mine)
@@ -193,7 +179,7 @@ def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optio
 def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig, task: str, dtype: str,
               batch_size: int, warmup: int, accuracy: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     per_iter = [max(r["seconds"][i] for r in ranks) for i in range(len(ranks[0]["seconds"]))]
-    latency = latency_stats(per_iter)
+    latency = percentiles_ms(per_iter)
     iters = len(per_iter)
     samples_per_s = ctx.dp_size * batch_size / (latency["mean"] / 1e3)
     gflop = forward_gflop(cfg, task)
@@ -250,12 +236,13 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
          batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool,
          json_path: Optional[Path]) -> None:
     """Time the sharded model's forward on synthetic inputs and report latency, throughput and efficiency."""
+    if json_path:
+        writable("--json", json_path)
     report = run_bench(shard_dir, device, dtype, threads, timeout_s, batch_size, warmup, iters, task, check_fp32)
     if report:
         click.echo(summary_line(report))
         if json_path:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=1) + "\n")
+            write_json(json_path, report, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,15 @@ from typing import Dict, Optional
 import click
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
+from .atomic import write_safetensors
 from .runtime.config import VLMoConfig
 from .runtime.model import VLMo
+from .runtime.shards import read_manifest
+from .tasks.cli import (ModelOutputError, UsageError, engine_options, one_line_errors, require_head, start_engine,
+                        writable)
+from .tasks.frontend import non_finite_rows
 
 TASK_INPUTS = {
     "vqa": ("text_ids", "text_masks", "image"),
@@ -27,10 +31,9 @@ TASK_INPUTS = {
 
 
 def pick_task(cfg: VLMoConfig, requested: Optional[str]) -> str:
+    """The task to run: the one requested (if the checkpoint has its head) or the checkpoint's only one."""
     if requested:
-        if requested not in cfg.tasks:
-            raise UsageError(f"--task {requested}: this checkpoint has no {requested} head "
-                             f"(it has: {', '.join(cfg.tasks) or 'none'})")
+        require_head(cfg, requested, f"--task {requested}")
         return requested
     if len(cfg.tasks) != 1:
         raise UsageError(f"the checkpoint has heads for {', '.join(cfg.tasks) or 'no task'}; pick one with --task")
@@ -53,9 +56,23 @@ def read_inputs(path: Path, task: str, cfg: VLMoConfig) -> Dict[str, torch.Tenso
         expected = (batch, T) if name.startswith("text_") else (batch, 3, S, S)
         if tuple(tensor.shape) != expected:
             raise UsageError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {expected}")
-        if name.startswith("text_") and tensor.dtype not in (torch.int64, torch.int32):
-            raise UsageError(f"{path}: {name} must be an integer tensor, got {tensor.dtype}")
+        check_values(path, name, tensor, cfg)
     return {name: tensors[name] for name in TASK_INPUTS[task]}
+
+
+def check_values(path: Path, name: str, tensor: torch.Tensor, cfg: VLMoConfig) -> None:
+    """Token ids within the vocabulary, masks of 0 and 1, images of finite floating-point values."""
+    if name.startswith("text_") and tensor.dtype not in (torch.int64, torch.int32):
+        raise UsageError(f"{path}: {name} must be an integer tensor, got {tensor.dtype}")
+    if name == "text_ids" and tensor.numel() and (tensor.min() < 0 or tensor.max() >= cfg.vocab_size):
+        raise UsageError(f"{path}: text_ids holds ids from {int(tensor.min())} to {int(tensor.max())}; "
+                         f"the vocabulary has ids 0 to {cfg.vocab_size - 1}")
+    if name == "text_masks" and not bool(((tensor == 0) | (tensor == 1)).all()):
+        raise UsageError(f"{path}: text_masks must hold only 0 and 1")
+    if name.startswith("image") and not tensor.is_floating_point():
+        raise UsageError(f"{path}: {name} must be a floating-point tensor of normalised pixels, got {tensor.dtype}")
+    if name.startswith("image") and not bool(torch.isfinite(tensor).all()):
+        raise UsageError(f"{path}: {name} holds NaN or Inf values")
 
 
 def run_task(model: VLMo, task: str, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -68,6 +85,14 @@ def run_task(model: VLMo, task: str, inputs: Dict[str, torch.Tensor]) -> Dict[st
                                             inputs["image_0"], inputs["image_1"])}
     return {"text_feats": model.text_features(inputs["text_ids"], inputs["text_masks"]),
             "image_feats": model.image_features(inputs["image"])}
+
+
+def check_finite_outputs(outputs: Dict[str, torch.Tensor]) -> None:
+    """A non-finite output is an error naming the samples (their positions in the inputs), never written."""
+    bad = sorted({i for v in outputs.values() for i in non_finite_rows(v)})
+    if bad:
+        raise ModelOutputError(f"the model's output is not finite (NaN or Inf) for samples {bad} of the inputs; "
+                               f"nothing written: check the checkpoint's weights and the --dtype")
 
 
 @click.command()
@@ -84,15 +109,16 @@ def run_task(model: VLMo, task: str, inputs: Dict[str, torch.Tensor]) -> Dict[st
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          inputs_path: Path, out_path: Path, task: Optional[str]) -> None:
     """Run the tensor-parallel VLMo on INPUTS and write its outputs to OUT (fp32)."""
+    # Everything a user can get wrong is checked before the model loads or a file is written.
+    writable("--out", out_path)
+    cfg = read_manifest(shard_dir).config
+    task = pick_task(cfg, task)
+    inputs = read_inputs(inputs_path, task, cfg)
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
-    task = pick_task(engine.manifest.config, task)
-    inputs = {k: v.to(engine.ctx.device) for k, v in read_inputs(inputs_path, task, engine.manifest.config).items()}
-    outputs = run_task(engine.model, task, inputs)
+    outputs = run_task(engine.model, task, {k: v.to(engine.ctx.device) for k, v in inputs.items()})
+    check_finite_outputs(outputs)
     if engine.ctx.is_main:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".partial")
-        save_file({k: v.float().cpu().contiguous() for k, v in outputs.items()}, str(tmp))
-        tmp.replace(out_path)
+        write_safetensors(out_path, {k: v.float().cpu().contiguous() for k, v in outputs.items()})
         click.echo(f"wrote {', '.join(f'{k} {list(v.shape)}' for k, v in outputs.items())} to {out_path}")
 
 

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
-import numpy as np
 
+from .atomic import write_json
 from .data.arrow_io import read_split
 from .data.raw import DataError
+from .tasks.metrics import percentiles_ms
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DEFAULT_QUESTIONS = ("What is in the picture?", "What color is the shape?", "How many shapes are there?")
@@ -64,12 +65,9 @@ def arrival_times(n: int, rate: float, seed: int) -> List[float]:
     return times
 
 
-def percentiles(values: Sequence[float]) -> Dict[str, Optional[float]]:
-    if not values:
-        return {"mean": None, "min": None, "p50": None, "p90": None, "p99": None, "max": None}
-    array = np.asarray(values)
-    return {"mean": float(array.mean()), "min": float(array.min()), "p50": float(np.percentile(array, 50)),
-            "p90": float(np.percentile(array, 90)), "p99": float(np.percentile(array, 99)), "max": float(array.max())}
+def summary_ms(seconds: Sequence[float]) -> Dict[str, Optional[float]]:
+    """percentiles_ms, or every field None when nothing succeeded."""
+    return percentiles_ms(seconds) if seconds else dict.fromkeys(("mean", "p50", "p90", "p99", "min", "max", "std"))
 
 
 class Client:
@@ -135,14 +133,14 @@ def run_load(client: Client, bodies: Sequence[bytes], rate: float, concurrency: 
     wall = time.perf_counter() - start
     ok = [(seconds, forward) for status, seconds, forward in outcomes if status == 200]
     errors = Counter(str(status) for status, _, _ in outcomes if status != 200)
-    split = [(1e3 * seconds, forward) for seconds, forward in ok if forward is not None]
+    split = [(seconds, forward / 1e3) for seconds, forward in ok if forward is not None]
     return {"requests": len(bodies), "ok": len(ok), "errors": dict(errors), "wall_s": wall,
             "requests_per_s": len(ok) / wall if wall > 0 else None,
             "offered_rate": None if rate == float("inf") else rate, "concurrency": concurrency,
-            "latency_ms": percentiles([1e3 * seconds for seconds, _ in ok]),
+            "latency_ms": summary_ms([seconds for seconds, _ in ok]),
             # per request, what the server spent in its batch's forward and everything else end to end
-            "forward_ms": percentiles([forward for _, forward in split]),
-            "outside_forward_ms": percentiles([total - forward for total, forward in split])}
+            "forward_ms": summary_ms([forward for _, forward in split]),
+            "outside_forward_ms": summary_ms([total - forward for total, forward in split])}
 
 
 def summary_line(report: Dict[str, Any]) -> str:
@@ -210,8 +208,7 @@ def main(url: str, arrow_dir: Optional[Path], split: str, image_dir: Optional[Pa
     report = run_load(client, bodies, arrivals, concurrency, seed)
     click.echo(summary_line(report))
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"url": url, "endpoint": endpoint, **report}, indent=1) + "\n")
+        write_json(json_path, {"url": url, "endpoint": endpoint, **report}, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,51 +9,42 @@ question_index), the sentence's position among its pair's sentences in the arrow
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import click
 import torch
 
-from .runtime.shards import read_manifest
-
-from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
+from .atomic import write_json
 from .data.datasets import NLVR2Dataset
 from .data.text import TextTokenizer
-from .tasks.evaluation import Batch, EvalStats, Record, evaluate
-from .tasks.frontend import checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
-from .tasks.metrics import nlvr2_accuracy
 from .runtime.model import VLMo
-from .tasks.results import read_results, write_json_atomic
+from .runtime.shards import read_manifest
+from .tasks.cli import engine_options, one_line_errors, require_head, start_engine, writable
+from .tasks.evaluation import Batch, Record
+from .tasks.frontend import (Step, image_errors, latency_rows, per_sample_step, print_table, results_options,
+                             run_info, run_resumable, run_title, task_options)
+from .tasks.metrics import nlvr2_accuracy
 
 KEY = ("identifier", "question_index")
 ANSWERS = ("False", "True")  # class 0, class 1 of the NLVR2 head, as the arrow's `answers` spell them
 
 
-def predictor(model: VLMo, device: torch.device, checkpoint: str) -> Callable[[Batch], List[Record]]:
-    """The per-batch step: one record per sentence; a sentence whose images did not decode records the error."""
+def predictor(model: VLMo, device: torch.device) -> Step:
+    """The per-batch step: each sentence's prediction from its pair's two logits."""
 
-    def compute(batch: Batch) -> List[Record]:
-        ok = batch["image_ok"]
-        logits = iter([])
-        if ok.any():  # the same on every rank of the group: they decode the same bytes
-            inputs = [batch[k][ok].to(device) for k in ("text_ids", "text_masks", "image_0", "image_1")]
-            logits = iter(model.nlvr2(*inputs).float().cpu())
-        records = []
-        for i, image_ok in enumerate(ok.tolist()):
-            record = {"identifier": batch["identifier"][i], "question_index": batch["question_index"][i],
-                      "sentence": batch["text"][i], "label": ANSWERS[int(batch["label"][i])],
-                      "checkpoint": checkpoint}
-            if not image_ok:
-                record["image_error"] = batch["image_error"][i]
-            else:
-                pair_logits = next(logits)
-                prediction = ANSWERS[int(pair_logits.argmax())]
-                record.update(prediction=prediction, correct=prediction == record["label"],
-                              logits=pair_logits.tolist())
-            records.append(record)
-        return records
+    def logits(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.nlvr2(*(tensors[k].to(device) for k in ("text_ids", "text_masks", "image_0", "image_1")))
 
-    return compute
+    def sentence(batch: Batch, i: int) -> Record:
+        return {"identifier": batch["identifier"][i], "question_index": batch["question_index"][i],
+                "sentence": batch["text"][i], "label": ANSWERS[int(batch["label"][i])]}
+
+    def prediction(batch: Batch, i: int, row: torch.Tensor) -> Record:
+        predicted = ANSWERS[int(row.argmax())]
+        return {"prediction": predicted, "correct": predicted == ANSWERS[int(batch["label"][i])],
+                "logits": row.tolist()}
+
+    return per_sample_step(logits, KEY, sentence, prediction)
 
 
 def summarize(records: List[Record]) -> Dict[str, Any]:
@@ -67,62 +58,41 @@ def summarize(records: List[Record]) -> Dict[str, Any]:
         "sentences": len(records),
         "predicted": len(predicted),
         "accuracy": accuracy,
-        "image_errors": [{"identifier": r["identifier"], "question_index": r["question_index"],
-                          "error": r["image_error"]} for r in records if "image_error" in r],
+        "image_errors": image_errors(records, KEY),
     }
 
 
 @click.command()
 @engine_options
-@click.option("--data", "arrow_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder with nlvr2_{split}.arrow (python -m engine.data nlvr2).")
+@task_options(data="Folder with nlvr2_{split}.arrow (python -m engine.data nlvr2).",
+              per_batch="Sentences (image pairs)", limit="sentences")
 @click.option("--split", default="dev", show_default=True,
               help="dev or test1 (or train, balanced_dev, ...: any nlvr2_SPLIT.arrow).")
-@click.option("--vocab", type=click.Path(path_type=Path), default=None,
-              help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Sentences (image pairs) per forward pass of each model copy.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Data-loading worker processes per rank (decode and tokenise while the model runs).")
-@click.option("--limit", type=click.IntRange(min=0), default=None,
-              help="Only the first N sentences of the split.")
-@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
-              help="Predictions JSONL, one line per sentence; an existing file is continued "
-                   "[default: results/nlvr2_SPLIT.jsonl].")
-@click.option("--summary", "summary_path", type=click.Path(path_type=Path), default=None,
-              help="Summary JSON (accuracy, latency, image errors) [default: beside --out, .summary.json].")
+@results_options(stem="nlvr2", one_per="sentence", summary="accuracy, latency, image errors")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          arrow_dir: Path, split: str, vocab: Optional[Path], batch_size: int, num_workers: int,
          limit: Optional[int], out_path: Optional[Path], summary_path: Optional[Path]) -> None:
     """Judge the sentences of one NLVR2 split with the sharded checkpoint in SHARDS; report accuracy and latency."""
-    out_path = out_path or Path("results") / f"nlvr2_{split}.jsonl"
-    summary_path = summary_path or out_path.with_suffix(".summary.json")
-
     # Everything a user can get wrong is checked before the model loads or a file is written.
+    out_path = writable("--out", out_path or Path("results") / f"nlvr2_{split}.jsonl")
+    summary_path = writable("--summary", summary_path or out_path.with_suffix(".summary.json"))
     cfg = read_manifest(shard_dir).config
-    if not cfg.nlvr2:
-        raise UsageError(f"{shard_dir}: the checkpoint has no NLVR2 head (nlvr2_classifier); "
-                         f"shard an NLVR2 fine-tuned checkpoint such as vlmo_base_patch16_384_nlvr2.pt")
+    require_head(cfg, "nlvr2", shard_dir)
     dataset = NLVR2Dataset(arrow_dir, split, TextTokenizer(vocab, cfg.max_text_len), cfg.image_size)
-    keys = dataset.keys()[:limit]
 
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
-    ctx = engine.ctx
-    checkpoint = checkpoint_tag(engine.manifest)
-    writer = open_results(out_path, checkpoint, KEY) if ctx.is_main else None
-    todo = pending(ctx, writer, keys, "sentences")
-    stats: EvalStats = evaluate(ctx, dataset, todo, predictor(engine.model, ctx.device, checkpoint),
-                                batch_size=batch_size, num_workers=num_workers,
-                                on_records=writer.append if writer else None, label=f"nlvr2 {split}")
-    if not ctx.is_main:
+    done = run_resumable(engine, dataset, dataset.keys()[:limit], predictor(engine.model, engine.ctx.device),
+                         out_path=out_path, key=KEY, noun="sentences", batch_size=batch_size,
+                         num_workers=num_workers, label=f"nlvr2 {split}")
+    if done is None:
         return
-    writer.close()
-    summary = {"task": "nlvr2", "split": split, "results": str(out_path), **summarize(read_results(out_path)),
+    records, stats = done
+    summary = {"task": "nlvr2", "split": split, "results": str(out_path), **summarize(records),
                "latency": stats.latency_summary(),
                "run": {"sentences": stats.samples, "wall_s": stats.wall_s,
                        **run_info(engine, shard_dir, batch_size)}}
-    write_json_atomic(summary_path, summary, indent=1)
+    write_json(summary_path, summary, indent=1)
     accuracy = "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f}"
     print_table(run_title(f"NLVR2 {split}", summary["run"]), [
         ("sentences", f"{summary['sentences']} recorded ({stats.samples} this run)"),

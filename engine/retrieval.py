@@ -11,58 +11,41 @@ together with its captions, so the recalls are those of the images that decoded 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import click
 import numpy as np
 import torch
 
-from .runtime.shards import read_manifest
-
-from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
+from .atomic import write_json
 from .data.datasets import KarpathyImageDataset, KarpathyTextDataset
 from .data.text import TextTokenizer
-from .tasks.embeddings import Gallery, save_embeddings
-from .tasks.evaluation import Batch, Record, evaluate
-from .tasks.frontend import latency_rows, print_table, run_info, run_title
-from .tasks.metrics import retrieval_recall
 from .runtime.model import VLMo
-from .tasks.results import write_json_atomic
+from .runtime.shards import read_manifest
+from .tasks.cli import UsageError, engine_options, one_line_errors, require_head, start_engine, writable
+from .tasks.embeddings import Gallery, save_embeddings
+from .tasks.evaluation import Record, evaluate
+from .tasks.frontend import (Step, latency_rows, per_sample_step, print_table, run_info, run_title, summary_option,
+                             task_options)
+from .tasks.metrics import retrieval_recall
 
 DATASETS = {"coco": "COCO", "f30k": "Flickr30k"}
 
 
-def image_step(model: VLMo, device: torch.device) -> Callable[[Batch], List[Record]]:
+def image_step(model: VLMo, device: torch.device) -> Step:
     """Image-only pass: one record per image, its embedding or why it did not decode."""
-
-    def compute(batch: Batch) -> List[Record]:
-        ok = batch["image_ok"]
-        embeds = iter([])
-        if ok.any():  # the same on every rank of the group: they decode the same bytes
-            # numpy rows pickle alone (a tensor row would drag its whole batch's storage through the gather)
-            embeds = iter(model.image_features(batch["image"][ok].to(device)).float().cpu().numpy())
-        records = []
-        for i, image_ok in enumerate(ok.tolist()):
-            record = {"image_index": batch["image_index"][i], "image_id": batch["image_id"][i]}
-            if image_ok:
-                record["embedding"] = next(embeds)
-            else:
-                record["image_error"] = batch["image_error"][i]
-            records.append(record)
-        return records
-
-    return compute
+    # numpy rows pickle alone (a tensor row would drag its whole batch's storage through the gather)
+    return per_sample_step(lambda tensors: model.image_features(tensors["image"].to(device)), ("image_id",),
+                           lambda batch, i: {"image_index": batch["image_index"][i], "image_id": batch["image_id"][i]},
+                           lambda batch, i, row: {"embedding": row.numpy()})
 
 
-def text_step(model: VLMo, device: torch.device) -> Callable[[Batch], List[Record]]:
+def text_step(model: VLMo, device: torch.device) -> Step:
     """Text-only pass: one record per caption with its embedding."""
-
-    def compute(batch: Batch) -> List[Record]:
-        embeds = model.text_features(batch["text_ids"].to(device), batch["text_masks"].to(device))
-        return [{"caption_index": j, "embedding": e}
-                for j, e in zip(batch["caption_index"], embeds.float().cpu().numpy())]
-
-    return compute
+    return per_sample_step(lambda tensors: model.text_features(tensors["text_ids"].to(device),
+                                                               tensors["text_masks"].to(device)),
+                           ("caption_index",), lambda batch, i: {"caption_index": batch["caption_index"][i]},
+                           lambda batch, i, row: {"embedding": row.numpy()})
 
 
 def assemble(images: List[Record], texts: List[Record], captions: KarpathyTextDataset) -> Gallery:
@@ -91,22 +74,12 @@ def image_errors(images: List[Record], captions: KarpathyTextDataset, n_captions
 
 @click.command()
 @engine_options
-@click.option("--data", "arrow_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder with the Karpathy arrow files (python -m engine.data coco|f30k).")
+@task_options(data="Folder with the Karpathy arrow files (python -m engine.data coco|f30k).",
+              per_batch="Images, then captions,", limit="images (and their captions)")
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="coco", show_default=True,
               help="coco reads coco_caption_karpathy_SPLIT.arrow, f30k f30k_caption_karpathy_SPLIT.arrow.")
 @click.option("--split", default="test", show_default=True, help="test or val (or any Karpathy split written).")
-@click.option("--vocab", type=click.Path(path_type=Path), default=None,
-              help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Images, then captions, per forward pass of each model copy.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Data-loading worker processes per rank (decode and tokenise while the model runs).")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="Only the first N images of the split and their captions.")
-@click.option("--summary", "summary_path", type=click.Path(path_type=Path), default=None,
-              help="Summary JSON (recalls, counts, latency, image errors) "
-                   "[default: results/retrieval_DATASET_SPLIT.summary.json].")
+@summary_option("recalls, counts, latency, image errors", "results/retrieval_DATASET_SPLIT.summary.json")
 @click.option("--save-embeddings", "embeddings_path", type=click.Path(path_type=Path), default=None,
               help="Also write the normalised image and caption embeddings with their ids (safetensors).")
 @one_line_errors
@@ -114,13 +87,12 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
          arrow_dir: Path, dataset: str, split: str, vocab: Optional[Path], batch_size: int, num_workers: int,
          limit: Optional[int], summary_path: Optional[Path], embeddings_path: Optional[Path]) -> None:
     """Image→text and text→image recall@1/5/10 of the sharded checkpoint in SHARDS on one Karpathy split."""
-    summary_path = summary_path or Path("results") / f"retrieval_{dataset}_{split}.summary.json"
-
     # Everything a user can get wrong is checked before the model loads or a file is written.
+    summary_path = writable("--summary", summary_path or Path("results") / f"retrieval_{dataset}_{split}.summary.json")
+    if embeddings_path:
+        writable("--save-embeddings", embeddings_path)
     cfg = read_manifest(shard_dir).config
-    if not cfg.retrieval:
-        raise UsageError(f"{shard_dir}: the checkpoint has no retrieval head (itc_text_proj, itc_image_proj); "
-                         f"shard a retrieval fine-tuned checkpoint such as vlmo_base_patch16_384_coco.pt")
+    require_head(cfg, "irtr", shard_dir)
     images = KarpathyImageDataset(arrow_dir, dataset, split, cfg.image_size)
     captions = KarpathyTextDataset(arrow_dir, dataset, split, TextTokenizer(vocab, cfg.max_text_len))
     n_images = min(len(images), limit or len(images))
@@ -160,7 +132,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         "embeddings": str(embeddings_path) if embeddings_path else None,
         "run": {"wall_s": sum(s.wall_s for s in stats.values()), **run},
     }
-    write_json_atomic(summary_path, summary, indent=1)
+    write_json(summary_path, summary, indent=1)
 
     def recall_row(prefix: str) -> str:
         return "  ".join(f"R@{k} {100 * recalls[f'{prefix}_r{k}']:.2f}" for k in (1, 5, 10))

@@ -159,7 +159,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         if answers_path is None:
             raise UsageError("--answers: required for a VQA checkpoint (the answer2label.txt it was fine-tuned "
                              "with, written by `python -m engine.data vqav2`)")
-        answers = answer_table(answers_path, cfg.vqa_labels, shard_dir)
+        answers = answer_table(answers_path, cfg.vqa_labels)
     if int(os.environ.get("RANK", "0")) != 0:
         follow(shard_dir, device, dtype, threads, timeout_s)
     limits = Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)

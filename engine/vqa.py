@@ -9,33 +9,38 @@ file; test and test-dev, which have no answers, give an EvalAI submission.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
+import pyarrow.compute as pc
 import torch
 
-from .runtime.shards import read_manifest
-
-from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
+from .atomic import write_json
+from .data.arrow_io import read_split
 from .data.datasets import VQADataset
 from .data.raw import DataError
 from .data.text import TextTokenizer
 from .data.vqav2 import ANSWER_TABLE, read_answer_table
-from .tasks.evaluation import Batch, EvalStats, Record, evaluate
-from .tasks.frontend import Row, checkpoint_tag, latency_rows, open_results, pending, print_table, run_info, run_title
-from .tasks.metrics import hit_rate, question_vqa_score, vqa_score
 from .runtime.model import VLMo
-from .tasks.results import read_results, write_json_atomic
+from .runtime.shards import read_manifest
+from .tasks.cli import UsageError, engine_options, one_line_errors, require_head, start_engine, writable
+from .tasks.evaluation import Batch, Record
+from .tasks.frontend import (Row, Step, image_errors, latency_rows, per_sample_step, print_table, results_options,
+                             run_info, run_resumable, run_title, task_options)
+from .tasks.metrics import hit_rate, question_vqa_score, vqa_score
+from .tasks.vqa_accuracy import accuracy_by_type, question_accuracy
 
 # Splits published without answers: no score, an EvalAI submission instead.
 TEST_SPLITS = ("test", "test-dev")
+# The answer a submission gives to a question the model did not answer (test2015 questions outside test-dev in
+# a test-dev run, questions whose image did not decode): the most frequent VQAv2 answer.
+PLACEHOLDER_ANSWER = "yes"
+# Per-question fields of the official annotations, kept in each results line when the split has them.
+OFFICIAL_FIELDS = ("human_answers", "answer_type", "question_type")
 
 
-def answer_table(path: Path, vqa_labels: Optional[int], shard_dir: Path) -> List[str]:
+def answer_table(path: Path, vqa_labels: Optional[int]) -> List[str]:
     """The label → answer table, checked against the checkpoint's VQA classifier."""
-    if not vqa_labels:
-        raise UsageError(f"{shard_dir}: the checkpoint has no VQA head (vqa_classifier); "
-                         f"shard a VQA fine-tuned checkpoint such as vlmo_base_patch16_480_vqa.pt")
     if not path.is_file():
         raise DataError(f"missing answer table {path} (written by `python -m engine.data vqav2`; "
                         f"or pass --answers)")
@@ -46,44 +51,38 @@ def answer_table(path: Path, vqa_labels: Optional[int], shard_dir: Path) -> List
     return answers
 
 
-def answerer(model: VLMo, device: torch.device, answers: Sequence[str], scored: bool,
-             checkpoint: str) -> Callable[[Batch], List[Record]]:
-    """The per-batch step: one record per question; a question whose image did not decode records the error."""
+def answerer(model: VLMo, device: torch.device, answers: Sequence[str], scored: bool) -> Step:
+    """The per-batch step: each question's answer (and score, where the split has answers)."""
 
-    def compute(batch: Batch) -> List[Record]:
-        ok = batch["image_ok"]
-        labels = iter([])
-        if ok.any():  # the same on every rank of the group: they decode the same bytes
-            logits, _ = model.vqa(batch["text_ids"][ok].to(device), batch["text_masks"][ok].to(device),
-                                  batch["image"][ok].to(device))
-            labels = iter(logits.argmax(-1).tolist())
-        records = []
-        for i, image_ok in enumerate(ok.tolist()):
-            record = {"question_id": batch["question_id"][i], "image_id": batch["image_id"][i],
-                      "question": batch["text"][i], "checkpoint": checkpoint}
-            if not image_ok:
-                record["image_error"] = batch["image_error"][i]
-            else:
-                label = next(labels)
-                record.update(answer=answers[label], label=label)
-                if scored:
-                    truth = {k: batch[k][i] for k in ("answers", "answer_labels", "answer_scores")}
-                    record.update(score=question_vqa_score(label, truth["answer_labels"], truth["answer_scores"]),
-                                  hit=answers[label] in truth["answers"], **truth)
-            records.append(record)
-        return records
+    def logits(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.vqa(*(tensors[k].to(device) for k in ("text_ids", "text_masks", "image")))[0]
 
-    return compute
+    def question(batch: Batch, i: int) -> Record:
+        return {"question_id": batch["question_id"][i], "image_id": batch["image_id"][i],
+                "question": batch["text"][i], **{k: batch[k][i] for k in OFFICIAL_FIELDS if k in batch}}
+
+    def answer(batch: Batch, i: int, row: torch.Tensor) -> Record:
+        label = int(row.argmax())
+        result: Record = {"answer": answers[label], "label": label}
+        if scored:
+            truth = {k: batch[k][i] for k in ("answers", "answer_labels", "answer_scores")}
+            result.update(score=question_vqa_score(label, truth["answer_labels"], truth["answer_scores"]),
+                          hit=answers[label] in truth["answers"], **truth)
+        if "human_answers" in batch:
+            result["accuracy"] = question_accuracy(answers[label], batch["human_answers"][i])
+        return result
+
+    return per_sample_step(logits, ("question_id",), question, answer)
 
 
-def summarize(records: List[Record], scored: bool) -> Dict[str, Any]:
-    """Counts, image errors and (for splits with answers) VQA score and hit rate over all records."""
+def summarize(records: List[Record], scored: bool, official_missing: Optional[str] = None) -> Dict[str, Any]:
+    """Counts, image errors and (for splits with answers) official VQA accuracy, VQA score and hit rate over all
+    records; `official_missing` says why the split has no official annotations, if so."""
     answered = [r for r in records if "image_error" not in r]
     summary: Dict[str, Any] = {
         "questions": len(records),
         "answered": len(answered),
-        "image_errors": [{"question_id": r["question_id"], "image_id": r["image_id"], "error": r["image_error"]}
-                         for r in records if "image_error" in r],
+        "image_errors": image_errors(records, ("question_id", "image_id")),
     }
     if scored:
         summary["vqa_score"] = summary["hit_rate"] = None
@@ -91,43 +90,75 @@ def summarize(records: List[Record], scored: bool) -> Dict[str, Any]:
             summary["vqa_score"] = vqa_score([r["label"] for r in answered], [r["answer_labels"] for r in answered],
                                              [r["answer_scores"] for r in answered])
             summary["hit_rate"] = hit_rate([r["answer"] for r in answered], [r["answers"] for r in answered])
+        summary.update(official_accuracy(answered, official_missing))
     return summary
+
+
+def official_accuracy(answered: List[Record], official_missing: Optional[str]) -> Dict[str, Any]:
+    """vqa_accuracy and vqa_accuracy_by_answer_type, or None and vqa_accuracy_unavailable saying why."""
+    unscored = [r for r in answered if "human_answers" not in r]
+    if answered and not unscored:
+        overall, by_type = accuracy_by_type(
+            (question_accuracy(r["answer"], r["human_answers"]), r["answer_type"]) for r in answered)
+        return {"vqa_accuracy": overall, "vqa_accuracy_by_answer_type": by_type}
+    if not answered:
+        why = "no question was answered"
+    else:
+        why = official_missing or "they were recorded by a run without the official annotations; pass a new --out"
+        why = f"{len(unscored)} of {len(answered)} answered questions have no human answers: {why}"
+    return {"vqa_accuracy": None, "vqa_accuracy_by_answer_type": None, "vqa_accuracy_unavailable": why}
+
+
+def submission_entries(records: List[Record], question_ids: Sequence[int]) -> Tuple[List[Dict[str, Any]], int]:
+    """The EvalAI submission (one answer per question id, in their order) and how many are placeholders."""
+    answered = {r["question_id"]: r["answer"] for r in records if "answer" in r}
+    entries = [{"question_id": int(q), "answer": answered.get(q, PLACEHOLDER_ANSWER)} for q in question_ids]
+    return entries, sum(q not in answered for q in question_ids)
+
+
+def submission_question_ids(dataset: VQADataset, arrow_dir: Path, split: str) -> List[int]:
+    """Every test2015 question: EvalAI wants them all, also in the test-dev phase (it scores only test-dev)."""
+    ids = dataset.question_ids()
+    if split == "test":
+        return ids
+    try:
+        test = read_split(arrow_dir, "vqav2", "test")
+    except DataError as err:
+        raise DataError(f"--split test-dev answers every test2015 question, as EvalAI requires: {err}") from None
+    everything = pc.list_flatten(test.column("question_id")).to_pylist()
+    known = set(everything)
+    return everything + [q for q in ids if q not in known]
 
 
 def table_rows(summary: Dict[str, Any]) -> List[Row]:
     """The lines of the final table."""
     rows = [("questions", f"{summary['questions']} recorded ({summary['run']['questions']} this run)")]
+    if summary.get("vqa_accuracy") is not None:
+        by_type = ", ".join(f"{kind} {100 * value:.2f}"
+                            for kind, value in summary["vqa_accuracy_by_answer_type"].items())
+        rows.append(("VQA accuracy", f"{100 * summary['vqa_accuracy']:.2f}  (official; {by_type})"))
+    elif "vqa_accuracy_unavailable" in summary:
+        rows.append(("VQA accuracy", f"unavailable: {summary['vqa_accuracy_unavailable']}"))
     if "vqa_score" in summary and summary["vqa_score"] is not None:
-        rows += [("VQA score", f"{100 * summary['vqa_score']:.2f}"),
+        rows += [("VQA score", f"{100 * summary['vqa_score']:.2f}  (VLMo's training-time score)"),
                  ("hit rate", f"{100 * summary['hit_rate']:.2f}  (the Ascend guide's 'accuracy')")]
     if "submission" in summary:
-        rows.append(("submission", f"{summary['submission']} ({summary['answered']} answers)"))
+        rows.append(("submission", f"{summary['submission']} ({summary['submission_questions']} questions, "
+                                   f"{summary['placeholder_answers']} placeholders)"))
     rows.append(("image errors", str(len(summary["image_errors"]))))
     return rows + latency_rows(summary["latency"], "questions")
 
 
 @click.command()
 @engine_options
-@click.option("--data", "arrow_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder with vqav2_{split}.arrow and answer2label.txt (python -m engine.data vqav2).")
+@task_options(data="Folder with vqav2_{split}.arrow and answer2label.txt (python -m engine.data vqav2).",
+              per_batch="Questions", limit="questions")
 @click.option("--split", default="rest_val", show_default=True,
               help="rest_val (the val images VLMo's fine-tuning held out), val, trainable_val, train (scored), "
                    "or test, test-dev (EvalAI submission).")
 @click.option("--answers", "answers_path", type=click.Path(path_type=Path), default=None,
               help="Label → answer table, one JSON object per line [default: DATA/answer2label.txt].")
-@click.option("--vocab", type=click.Path(path_type=Path), default=None,
-              help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Questions per forward pass of each model copy.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Data-loading worker processes per rank (decode and tokenise while the model runs).")
-@click.option("--limit", type=click.IntRange(min=0), default=None,
-              help="Only the first N questions of the split.")
-@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
-              help="Results JSONL, one line per question; an existing file is continued "
-                   "[default: results/vqav2_SPLIT.jsonl].")
-@click.option("--summary", "summary_path", type=click.Path(path_type=Path), default=None,
-              help="Summary JSON (metrics, latency, image errors) [default: beside --out, .summary.json].")
+@results_options(stem="vqav2", one_per="question", summary="metrics, latency, image errors")
 @click.option("--submission", "submission_path", type=click.Path(path_type=Path), default=None,
               help="EvalAI submission for test/test-dev [default: beside --out, .submission.json].")
 @one_line_errors
@@ -136,39 +167,36 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
          num_workers: int, limit: Optional[int], out_path: Optional[Path], summary_path: Optional[Path],
          submission_path: Optional[Path]) -> None:
     """Answer the questions of one VQAv2 split with the sharded checkpoint in SHARDS; report accuracy and latency."""
-    out_path = out_path or Path("results") / f"vqav2_{split}.jsonl"
-    summary_path = summary_path or out_path.with_suffix(".summary.json")
-    submission_path = submission_path or out_path.with_suffix(".submission.json")
-    scored = split not in TEST_SPLITS
-
     # Everything a user can get wrong is checked before the model loads or a file is written.
+    out_path = writable("--out", out_path or Path("results") / f"vqav2_{split}.jsonl")
+    summary_path = writable("--summary", summary_path or out_path.with_suffix(".summary.json"))
+    scored = split not in TEST_SPLITS
+    if not scored:
+        submission_path = writable("--submission", submission_path or out_path.with_suffix(".submission.json"))
     cfg = read_manifest(shard_dir).config
-    answers = answer_table(answers_path or arrow_dir / ANSWER_TABLE, cfg.vqa_labels, shard_dir)
+    require_head(cfg, "vqa", shard_dir)
+    answers = answer_table(answers_path or arrow_dir / ANSWER_TABLE, cfg.vqa_labels)
     dataset = VQADataset(arrow_dir, split, TextTokenizer(vocab, cfg.max_text_len), cfg.image_size)
     question_ids = dataset.question_ids()[:limit]
+    submission_ids = [] if scored else submission_question_ids(dataset, arrow_dir, split)
 
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
-    ctx = engine.ctx
-    checkpoint = checkpoint_tag(engine.manifest)
-    writer = open_results(out_path, checkpoint) if ctx.is_main else None
-    todo = pending(ctx, writer, question_ids, "questions")
-
-    stats: EvalStats = evaluate(ctx, dataset, todo, answerer(engine.model, ctx.device, answers, scored, checkpoint),
-                                batch_size=batch_size, num_workers=num_workers,
-                                on_records=writer.append if writer else None, label=f"vqav2 {split}")
-    if not ctx.is_main:
+    done = run_resumable(engine, dataset, question_ids, answerer(engine.model, engine.ctx.device, answers, scored),
+                         out_path=out_path, key="question_id", noun="questions", batch_size=batch_size,
+                         num_workers=num_workers, label=f"vqav2 {split}")
+    if done is None:
         return
-    writer.close()
-    records = read_results(out_path)
-    summary = {"task": "vqa", "split": split, "results": str(out_path), **summarize(records, scored)}
+    records, stats = done
+    summary = {"task": "vqa", "split": split, "results": str(out_path),
+               **summarize(records, scored, dataset.official_missing)}
     if not scored:
-        submission = [{"question_id": r["question_id"], "answer": r["answer"]}
-                      for r in records if "image_error" not in r]
-        write_json_atomic(submission_path, submission)
-        summary["submission"] = str(submission_path)
+        submission, placeholders = submission_entries(records, submission_ids)
+        write_json(submission_path, submission)
+        summary.update(submission=str(submission_path), submission_questions=len(submission),
+                       placeholder_answers=placeholders, placeholder_answer=PLACEHOLDER_ANSWER)
     summary["latency"] = stats.latency_summary()
     summary["run"] = {"questions": stats.samples, "wall_s": stats.wall_s, **run_info(engine, shard_dir, batch_size)}
-    write_json_atomic(summary_path, summary, indent=1)
+    write_json(summary_path, summary, indent=1)
     print_table(run_title(f"VQAv2 {split}", summary["run"]), [*table_rows(summary), ("summary", str(summary_path))])
 
 

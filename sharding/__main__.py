@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, refuse_non_finite
 from engine.runtime.errors import ShardingError
 from .infer import ConfigError, infer_config, select_weights
 from engine.runtime.plan import check_degree, plan_table
@@ -40,10 +40,11 @@ def main(checkpoint: Path, tp: int, out_dir: Path, num_heads: Optional[int], ima
             weights, unknown = select_weights(ckpt.state_dict, cfg)
         except (ConfigError, ValueError) as exc:
             raise ShardingError(checkpoint, str(exc)) from None
+        refuse_non_finite(checkpoint, weights)
         if unknown:
             click.echo(f"ignoring {len(unknown)} tensors the engine does not use: {', '.join(unknown)}", err=True)
-        manifest = write_shards(weights, cfg, tp, out_dir,
-                                source={"file": checkpoint.name, "sha256": ckpt.sha256}, overwrite=overwrite)
+        manifest = write_shards(weights, cfg, tp, out_dir, source={"file": checkpoint.name, "sha256": ckpt.sha256},
+                                overwrite=overwrite, report=lambda line: click.echo(line, err=True))
     except ShardingError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {manifest.tp} shards of a {cfg.depth}-layer, {cfg.embed_dim}-wide, {cfg.num_heads}-head "

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import codecs
 import collections
-import hashlib
 import pickle
 import pickletools
 import types
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Set
+from typing import Any, Dict, Iterable, List, Mapping, Set
 
 import torch
 
 from engine.runtime.errors import ShardingError
-from engine.runtime.shards import sha256_file
+from engine.runtime.shards import non_finite, sha256_file
 
 # Non-torch globals that real checkpoints carry as pure data containers.
 INERT_CONTAINERS: Dict[str, type] = {
@@ -99,11 +98,15 @@ def _resolve(name: str) -> Any:
     return None
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """Our refusal of a global, told apart from the errors of a file that is no pickle at all."""
+
+
 class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         found = _resolve(f"{module}.{name}")
         if found is None:
-            raise pickle.UnpicklingError(f"the pickle references {module}.{name}, which is not checkpoint data")
+            raise _RefusedGlobal(f"the pickle references {module}.{name}, which is not checkpoint data")
         return found
 
 
@@ -120,6 +123,26 @@ def _refuse_unknown_globals(path: Path, names: Iterable[str]) -> None:
             f"refusing to load: its pickle references {', '.join(refused)}, which is not plain "
             "checkpoint data (nothing from the file was run)",
         )
+
+
+def _check_member_crcs(path: Path) -> None:
+    """Refuse a zip checkpoint whose bytes changed after writing: torch.load never checks the CRC-32s."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format carries no checksums
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member through and compares its CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ShardingError(path, f"not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}") \
+            from None
+    if bad is not None:
+        raise ShardingError(path, f"archive member {bad} fails its CRC-32 check: the file is corrupt "
+                                  "(damaged in transfer or on disk); fetch it again")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _torch_load(path: Path) -> Any:
@@ -153,24 +176,45 @@ def _find_state_dict(path: Path, obj: Any) -> Dict[str, torch.Tensor]:
     return weights
 
 
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth", ".ckpt", ".bin"))
+        hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        raise ShardingError(path, f"is a directory, not a checkpoint file; pass the checkpoint file itself{hint}")
+    if not path.exists():
+        raise ShardingError(path, "no such checkpoint file")
+    if not path.is_file():
+        raise ShardingError(path, "is not a regular file; pass the checkpoint file itself")
+    if path.stat().st_size == 0:
+        raise ShardingError(path, "the checkpoint file is empty")
+
+
+def refuse_non_finite(path: Path, weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or infinity: the engine would turn every answer into NaN logits."""
+    problems = {name: non_finite(tensor) for name, tensor in weights.items()}
+    bad = [name for name, problem in problems.items() if problem]
+    if bad:
+        more = f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})" if bad[1:] else ""
+        raise ShardingError(path, f"{bad[0]} {problems[bad[0]]}{more}; non-finite weights give non-finite outputs, "
+                                  "refusing to shard them")
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Read weights and training hyper-parameters from a published checkpoint file."""
     path = Path(path)
-    if not path.is_file():
-        raise ShardingError(path, "no such checkpoint file")
-    if path.stat().st_size == 0:
-        raise ShardingError(path, "the checkpoint file is empty")
+    _check_is_file(path)
+    _check_member_crcs(path)
     _refuse_unknown_globals(path, _referenced_globals(path))
     try:
         obj = _torch_load(path)
-    except ShardingError:
-        raise
+    except _RefusedGlobal as exc:
+        raise ShardingError(path, f"refusing to load: {_first_line(exc)}") from None
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShardingError(path, f"refusing to load: {first_line}") from None
+        raise ShardingError(path, f"not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle: "
+                                  f"{_first_line(exc)})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShardingError(path, f"not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from None
+        raise ShardingError(path, f"not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}") \
+            from None
     state_dict = _find_state_dict(path, obj)
     hyper = _plain(obj.get("hyper_parameters", {})) if isinstance(obj, dict) else {}
     if isinstance(hyper, dict) and isinstance(hyper.get("config"), dict):

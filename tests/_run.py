@@ -1,6 +1,7 @@
 """Run the project's command-line tools as a user would: in a subprocess, through torchrun where parallel."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,9 +24,13 @@ def run_module(module: str, args: Sequence[object], timeout: float = 300) -> sub
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _launcher(nproc: int) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(_free_port())]
+
+
 def _torchrun(nproc: int, module: str, args: Sequence[object]) -> list:
-    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
-    return [sys.executable, *launcher, "-m", module, *map(str, args)]
+    return [*_launcher(nproc), "-m", module, *map(str, args)]
 
 
 def run_torchrun(nproc: int, module: str, args: Sequence[object], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -50,6 +55,24 @@ def _free_port() -> int:
 
 def shard(checkpoint: Path, tp: int, out: Path, *extra: object) -> subprocess.CompletedProcess:
     return run_module("sharding", ["--checkpoint", checkpoint, "--tp", tp, "--out", out, *extra])
+
+
+def shard_here(checkpoint: Path, tp: int, out: Path, *extra: object) -> None:
+    """`python -m sharding` in this process (no interpreter start-up), for tests that cut many shard dirs."""
+    from click.testing import CliRunner
+
+    from sharding.__main__ import main
+
+    result = CliRunner().invoke(main, [str(a) for a in ["--checkpoint", checkpoint, "--tp", tp, "--out", out, *extra]])
+    assert result.exit_code == 0, result.output
+
+
+def forward_many(tp: int, items: Sequence[dict], plan: Path) -> None:
+    """engine.forward for every item (shards, inputs, out[, task, dtype]) in one torchrun launch of tp ranks."""
+    plan.write_text(json.dumps([{k: str(v) for k, v in item.items()} for item in items]))
+    ran = subprocess.run([*_launcher(tp), str(Path(__file__).with_name("_forward_many.py")), str(plan)], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr
 
 
 def invoke_refused(command, args: Sequence[object], *fragments: str) -> None:

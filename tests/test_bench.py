@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from _paths import GOLDEN, needs
-from _run import run_torchrun, shard
+from _run import forward_many, run_torchrun, shard_here
 
 TINY = GOLDEN / "tiny_relpos_vqa"
 VQA_CASES = sorted(p.parent for p in GOLDEN.glob("tiny_*vqa*/inputs.safetensors")
@@ -32,8 +32,7 @@ def tiny_shards(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bench")
     shards = {}
     for tp in (1, 2):
-        done = shard(TINY / "checkpoint.pt", tp, root / f"tp{tp}")
-        assert done.returncode == 0, done.stderr
+        shard_here(TINY / "checkpoint.pt", tp, root / f"tp{tp}")
         shards[tp] = root / f"tp{tp}"
     return shards
 
@@ -46,11 +45,20 @@ def _bench(shards: Path, tp: int, out: Path, *extra: object) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def reports(tiny_shards, tmp_path_factory) -> dict:
+    """tp -> engine.bench's bf16 report (tp 1 also checked against an fp32 copy): one launch per tp serves every
+    test here."""
+    root = tmp_path_factory.mktemp("reports")
+    return {1: _bench(tiny_shards[1], 1, root / "tp1.json", "--dtype", "bf16", "--check-fp32"),
+            2: _bench(tiny_shards[2], 2, root / "tp2.json", "--dtype", "bf16")}
+
+
 @needs(TINY)
 @pytest.mark.parametrize("tp", [1, 2])
-def test_bench_report_fields(tiny_shards, tp: int, tmp_path: Path) -> None:
-    report = _bench(tiny_shards[tp], tp, tmp_path / "bench.json", "--dtype", "fp32")
-    assert (report["tp"], report["threads_per_rank"], report["batch_size"], report["dtype"]) == (tp, 1, 3, "fp32")
+def test_bench_report_fields(reports: dict, tp: int) -> None:
+    report = reports[tp]
+    assert (report["tp"], report["threads_per_rank"], report["batch_size"], report["dtype"]) == (tp, 1, 3, "bf16")
     assert report["device"].startswith("cpu")
     latency = report["latency_ms"]
     assert set(latency) >= {"mean", "p50", "p90", "p99", "min"}
@@ -68,9 +76,8 @@ def test_bench_report_fields(tiny_shards, tp: int, tmp_path: Path) -> None:
 
 
 @needs(TINY)
-def test_bench_weights_shrink_with_tp(tiny_shards, tmp_path: Path) -> None:
-    one = _bench(tiny_shards[1], 1, tmp_path / "tp1.json", "--dtype", "bf16", "--check-fp32")
-    two = _bench(tiny_shards[2], 2, tmp_path / "tp2.json", "--dtype", "bf16")
+def test_bench_weights_shrink_with_tp(reports: dict) -> None:
+    one, two = reports[1], reports[2]
     assert max(two["weights_bytes_per_rank"]) < one["weights_bytes_per_rank"][0]
     assert one["vs_fp32"]["top1_agreement"] == 1.0
     assert 0 < one["vs_fp32"]["max_abs_diff"]["vqa_logits"] < 0.05
@@ -80,24 +87,32 @@ def test_bench_weights_shrink_with_tp(tiny_shards, tmp_path: Path) -> None:
 BF16_CASES = [(case, 1) for case in VQA_CASES] + [(case, 2) for case in VQA_CASES if case == TINY]
 
 
+@pytest.fixture(scope="module")
+def bf16_outputs(tmp_path_factory) -> dict:
+    """(case, tp) -> engine.forward's bf16 vqa_logits; one launch per tp runs all its cases."""
+    root = tmp_path_factory.mktemp("bf16")
+    found = {}
+    for tp in sorted({tp for _, tp in BF16_CASES}):
+        cases = [case for case, t in BF16_CASES if t == tp]
+        for case_dir in cases:
+            case = json.loads((case_dir / "case.json").read_text())
+            shard_here(case_dir / "checkpoint.pt", tp, root / f"{case_dir.name}-tp{tp}",
+                       *([] if case["relative_position_bias"] else ["--num-heads", case["num_heads"]]))
+        forward_many(tp, [{"shards": root / f"{c.name}-tp{tp}", "inputs": c / "inputs.safetensors",
+                           "out": root / f"{c.name}-tp{tp}.safetensors", "dtype": "bf16"} for c in cases],
+                     root / f"plan-tp{tp}.json")
+        found.update({(c, tp): load_file(str(root / f"{c.name}-tp{tp}.safetensors"))["vqa_logits"] for c in cases})
+    return found
+
+
 @pytest.mark.skipif(not VQA_CASES, reason="../shared/golden has no VQA model cases")
 @pytest.mark.parametrize("case_dir,tp", BF16_CASES, ids=[f"{c.name}-tp{tp}" for c, tp in BF16_CASES])
-def test_bf16_answers_equal_fp32(case_dir: Path, tp: int, tmp_path: Path) -> None:
+def test_bf16_answers_equal_fp32(case_dir: Path, tp: int, bf16_outputs: dict) -> None:
     """bf16 gives the published fp32 model's top-1 answer on every golden VQA question."""
-    case = json.loads((case_dir / "case.json").read_text())
-    done = shard(case_dir / "checkpoint.pt", tp, tmp_path / "shards",
-                 *([] if case["relative_position_bias"] else ["--num-heads", case["num_heads"]]))
-    assert done.returncode == 0, done.stderr
-    out = tmp_path / "out.safetensors"
-    ran = run_torchrun(tp, "engine.forward", ["--shards", tmp_path / "shards", "--inputs",
-                                              case_dir / "inputs.safetensors", "--out", out, "--device", "cpu",
-                                              "--dtype", "bf16"])
-    assert ran.returncode == 0, ran.stderr
     want = load_file(str(case_dir / "expected.safetensors"))["vqa_logits"]
-    got = load_file(str(out))["vqa_logits"]
+    got = bf16_outputs[(case_dir, tp)]
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert (got - want).abs().max().item() < 0.05  # bf16 keeps 8 bits; the residual stream and head are fp32
-
 
 def _run_report(dtype: str, tp: int, batch: int, p50: float) -> dict:
     return {"dtype": dtype, "tp": tp, "batch_size": batch, "threads_per_rank": 1, "device": "cpu: test (1 thread)",

@@ -122,3 +122,111 @@ def test_other_published_containers(tmp_path: Path, container) -> None:
     loaded = read_checkpoint(path).state_dict
     assert set(loaded) == set(weights)
     assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+def _resaved(tmp_path: Path, edit) -> Path:
+    """The golden checkpoint's weights and hyper-parameters, edited by `edit(state_dict)`, saved anew."""
+    ckpt = read_checkpoint(LIGHTNING_CASE)
+    weights = {k: v.clone() for k, v in ckpt.state_dict.items()}
+    edit(weights)
+    path = tmp_path / "edited.pt"
+    torch.save({"state_dict": weights, "hyper_parameters": ckpt.hyper_parameters}, path)
+    return path
+
+
+@needs_golden
+def test_non_finite_weight_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    victim = "transformer.blocks.2.mlp_vl.fc1.weight"
+    path = _resaved(tmp_path, lambda w: w[victim].view(-1).__setitem__(7, float("nan")))
+    out = tmp_path / "shards"
+    _assert_refused(shard(path, 2, out), out, str(path), victim, "1 NaN", "non-finite")
+
+
+@pytest.mark.parametrize("bad, count", [(float("inf"), "0 NaN and 2 infinite"), (float("-inf"), "0 NaN and 2 infinite")])
+def test_infinite_weights_are_refused_naming_the_tensors(bad: float, count: str) -> None:
+    from sharding.checkpoint import refuse_non_finite
+
+    weights = {"a.weight": torch.zeros(3, 4), "b.weight": torch.ones(5), "c.bias": torch.zeros(2)}
+    weights["b.weight"][1:3] = bad
+    weights["c.bias"][0] = float("nan")
+    with pytest.raises(ShardingError, match=f"b.weight holds {count} values of 5 \\(and 1 more: c.bias\\)"):
+        refuse_non_finite(Path("ckpt.pt"), weights)
+
+
+def _member_data_offset(path: Path, member: str) -> int:
+    """Where a stored (uncompressed) zip member's bytes start: after its local header, name and extra field."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)
+    return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+
+
+@needs_golden
+def test_flipped_byte_inside_a_tensor_is_refused_naming_the_member(tmp_path: Path) -> None:
+    member = "checkpoint/data/4"
+    data = bytearray(LIGHTNING_CASE.read_bytes())
+    data[_member_data_offset(LIGHTNING_CASE, member) + 10] ^= 0x01  # torch.load alone would load this silently
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(bytes(data))
+    out = tmp_path / "shards"
+    _assert_refused(shard(corrupt, 1, out), out, str(corrupt), member, "CRC-32", "corrupt")
+
+
+def test_directory_as_checkpoint_is_named_a_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "vlmo_base_patch16_480_vqa.pt").write_bytes(b"x")
+    out = tmp_path / "shards"
+    _assert_refused(shard(folder, 1, out), out, "is a directory", "vlmo_base_patch16_480_vqa.pt")
+
+
+def test_random_bytes_are_not_a_checkpoint_rather_than_a_safety_refusal(tmp_path: Path) -> None:
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(3),
+                                          dtype=torch.uint8).tolist()))
+    out = tmp_path / "shards"
+    result = shard(noise, 1, out)
+    _assert_refused(result, out, str(noise), "not a PyTorch checkpoint")
+    assert "refusing" not in result.stderr
+
+
+@needs_golden
+def test_stale_staging_directories_of_the_target_are_removed(tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    # What a run killed mid-write leaves: a hidden staging copy (and, killed mid-swap, a retired one).
+    stale = [tmp_path / ".shards.partial-k1ll3d", tmp_path / ".shards.old-4242"]
+    other = tmp_path / ".other.partial-abc"  # another target's: not ours to touch
+    for folder in stale + [other]:
+        folder.mkdir()
+        (folder / "rank-00-of-01.safetensors").write_bytes(b"half written")
+    result = shard(LIGHTNING_CASE, 1, out)
+    assert result.returncode == 0, result.stderr
+    assert not any(p.exists() for p in stale) and other.is_dir()
+    for folder in stale:
+        assert f"removed {folder}" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-abc", "shards"]
+
+
+@needs_golden
+def test_staging_directories_are_only_reported_while_another_run_writes_beside(tmp_path: Path) -> None:
+    import fcntl
+
+    from sharding.infer import infer_config, select_weights
+    from sharding.shards import write_shards
+
+    ckpt = read_checkpoint(LIGHTNING_CASE)
+    cfg = infer_config(ckpt.state_dict, ckpt.hyper_parameters)
+    weights, _ = select_weights(ckpt.state_dict, cfg)
+    stale = tmp_path / ".shards.partial-busy"
+    stale.mkdir()
+    other_run = os.open(tmp_path, os.O_RDONLY)  # what a concurrent sharding run holds
+    fcntl.flock(other_run, fcntl.LOCK_EX)
+    lines: list = []
+    try:
+        write_shards(weights, cfg, 1, tmp_path / "shards", source={}, report=lines.append)
+    finally:
+        os.close(other_run)
+    assert stale.is_dir() and (tmp_path / "shards" / "manifest.json").is_file()
+    assert len(lines) == 1 and str(stale) in lines[0] and "another sharding run" in lines[0]

@@ -112,3 +112,18 @@ def test_malformed_annotations(tmp_path):
     out = tmp_path / "out"
     assert_one_line_error(run_module("engine.data", ["f30k", "--root", root, "--out", out]), str(path))
     assert not list(out.glob("*.arrow"))
+
+
+def test_existing_arrow_files_are_replaced_only_with_overwrite(coco_written, tmp_path):
+    out = tmp_path / "arrow"
+    shutil.copytree(coco_written, out)
+    (out / "coco_caption_karpathy_val.arrow").write_bytes(b"an older file")
+    before = sorted(p.name for p in out.iterdir())
+    refused = run_module("engine.data", ["coco", "--root", COCO_RAW, "--out", out])
+    assert_one_line_error(refused, "coco_caption_karpathy_", "already exists", "--overwrite")
+    assert (out / "coco_caption_karpathy_val.arrow").read_bytes() == b"an older file"
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing staged is left behind
+    replaced = run_module("engine.data", ["coco", "--root", COCO_RAW, "--out", out, "--overwrite"])
+    assert replaced.returncode == 0, replaced.stderr
+    assert read_arrow(out / "coco_caption_karpathy_val.arrow").num_rows > 0
+    assert sorted(p.name for p in out.iterdir()) == before

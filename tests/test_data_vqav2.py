@@ -19,6 +19,7 @@ from engine.data.text import TextTokenizer
 RAW = GOLDEN / "vqav2_raw"
 PUBLISHED = GOLDEN / "vqav2_arrow_published"
 SPLITS = ("train", "val", "trainable_val", "rest_val", "test", "test-dev")
+LABELLED = SPLITS[:4]
 
 pytestmark = pytest.mark.skipif(not RAW.exists(), reason=f"shared test data {RAW} is not present")
 
@@ -48,7 +49,29 @@ def test_answer_table_matches_published(written):
 
 def test_nothing_but_outputs_left(written):
     expected = {f"vqav2_{s}.arrow" for s in SPLITS} | {"answer2label.txt"}
+    expected |= {f"vqav2_{s}.official.arrow" for s in LABELLED}
     assert {p.name for p in written.iterdir()} == expected
+
+
+@pytest.mark.parametrize("split", LABELLED)
+def test_official_annotations_beside_each_labelled_split(written, split):
+    # Independent expectation: the official annotation file's entries, in the arrow file's question order.
+    source = "train" if split == "train" else "val"
+    annotations = json.loads((RAW / f"v2_mscoco_{source}2014_annotations.json").read_text())["annotations"]
+    by_id = {a["question_id"]: a for a in annotations}
+    question_ids = [q for row in read_arrow(written / f"vqav2_{split}.arrow").column("question_id").to_pylist()
+                    for q in row]
+    official = read_arrow(written / f"vqav2_{split}.official.arrow").to_pylist()
+    assert [o["question_id"] for o in official] == question_ids
+    if not official:  # trainable_val: the mini val set has fewer rows than rest_val takes
+        return
+    for o in official:
+        a = by_id[o["question_id"]]
+        assert o["answers"] == [x["answer"] for x in a["answers"]] and len(o["answers"]) == 10
+        assert (o["answer_type"], o["question_type"]) == (a["answer_type"], a["question_type"])
+    dataset = VQADataset(written, split, TextTokenizer(None, 40), 32)
+    item = dataset[len(dataset) - 1]
+    assert item["human_answers"] == official[-1]["answers"] and item["answer_type"] == official[-1]["answer_type"]
 
 
 def test_rest_val_is_the_last_rows_of_val(tmp_path, monkeypatch):

@@ -15,8 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from _datatools import read_arrow, write_file
+from _faults import overflowing_shards
 from _paths import GOLDEN, needs
-from _run import invoke_refused, run_module, run_torchrun, shard
+from _run import invoke_refused, run_module, run_torchrun, shard_here
 from engine.data.image import load_image
 from engine.data.text import TextTokenizer
 from engine.nlvr2 import main as nlvr2_main
@@ -78,8 +79,7 @@ def setup(tmp_path_factory) -> dict:
     raw, arrow, shards = build_raw(folder / "raw"), folder / "arrow", folder / "shards"
     written = run_module("engine.data", ["nlvr2", "--root", raw, "--out", arrow])
     assert written.returncode == 0, written.stderr
-    done = shard(CHECKPOINT, 2, shards)
-    assert done.returncode == 0, done.stderr
+    shard_here(CHECKPOINT, 2, shards)
     return {"folder": folder, "raw": raw, "arrow": arrow, "shards": shards}
 
 
@@ -188,8 +188,16 @@ def test_bad_inputs_are_refused_before_any_work(case: str, setup: dict, tmp_path
         fragment = "nlvr2_test2.arrow"
     else:
         irtr = tmp_path / "irtr"
-        assert shard(GOLDEN / "tiny_relpos_irtr" / "checkpoint.pt", 1, irtr).returncode == 0
+        shard_here(GOLDEN / "tiny_relpos_irtr" / "checkpoint.pt", 1, irtr)
         args += ["--shards", irtr]
         fragment = "no NLVR2 head"
     invoke_refused(nlvr2_main, args, fragment)
     assert not out.exists()
+
+
+def test_a_non_finite_output_is_an_error_naming_the_sentences_never_a_prediction(setup: dict, tmp_path: Path) -> None:
+    shards = overflowing_shards(CHECKPOINT, ["nlvr2_classifier.3.weight"], tmp_path)
+    out = tmp_path / "dev.jsonl"
+    invoke_refused(nlvr2_main, [*_args(setup, out), "--shards", shards, "--num-workers", 0],
+                   "not finite", f"identifier {KEYS[0][0]}, question_index 0")
+    assert read_results(out) == []

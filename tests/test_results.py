@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import torch
-from safetensors.torch import load_file
 
-from engine.tasks.results import DuplicateKeyError, ResultsWriter, read_results, write_json_atomic, write_safetensors_atomic
+from engine.tasks.results import DuplicateKeyError, ResultsWriter, read_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,24 +112,3 @@ def test_recorded_lines_survive_a_kill(tmp_path):
     assert proc.returncode != 0
     with ResultsWriter(path) as w:
         assert w.done_keys == set(range(6))
-
-
-def test_write_json_atomic(tmp_path):
-    path = tmp_path / "sub" / "summary.json"
-    write_json_atomic(path, {"vqa_score": 0.5, "n": np.int64(3)})
-    write_json_atomic(path, [{"question_id": 1, "answer": "yes"}], indent=2)
-    assert json.loads(path.read_text()) == [{"question_id": 1, "answer": "yes"}]
-    assert os.listdir(path.parent) == ["summary.json"]
-    with pytest.raises(TypeError):
-        write_json_atomic(path, {"bad": object()})
-    assert json.loads(path.read_text()) == [{"question_id": 1, "answer": "yes"}]
-    assert os.listdir(path.parent) == ["summary.json"]
-
-
-def test_write_safetensors_atomic(tmp_path):
-    path = tmp_path / "sub" / "embeddings.safetensors"
-    write_safetensors_atomic(path, {"x": torch.ones(2, 3)}, metadata={"ids": "[1, 2]"})
-    with pytest.raises(ValueError):  # a non-contiguous tensor is refused; the old file stays
-        write_safetensors_atomic(path, {"x": torch.ones(3, 2).t()})
-    assert torch.equal(load_file(str(path))["x"], torch.ones(2, 3))
-    assert os.listdir(path.parent) == ["embeddings.safetensors"]

@@ -151,7 +151,10 @@ def test_a_long_question_is_truncated_as_in_evaluation_and_says_so(server: Serve
     assert status == 200 and body["truncated"] is True and "truncated to the model's 40" in body["warning"]
     # what lies past the 40th token changes nothing
     status, _, longer = ask_json(server, dict(q, question=LONG_QUESTION + " and even more words here"))
-    assert longer["top_k"] == body["top_k"]
+    assert [t["label"] for t in longer["top_k"]] == [t["label"] for t in body["top_k"]]
+    # equal up to rounding: the two may have shared their batches with different requests
+    assert [t["probability"] for t in longer["top_k"]] == pytest.approx([t["probability"] for t in body["top_k"]],
+                                                                        abs=1e-6)
     assert ask_json(server, QUESTIONS[0])[2]["truncated"] is False
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _paths import GOLDEN
-from _run import run_module, run_torchrun, shard
+from _run import run_module, run_torchrun, shard, shard_here
 from sharding.checkpoint import read_checkpoint
 from engine.runtime.errors import ShardingError
 from sharding.infer import infer_config, select_weights
@@ -137,3 +137,57 @@ def test_group_size_must_match_the_manifest(tmp_path: Path) -> None:
                                                 "--out", tmp_path / "o.safetensors", "--device", "cpu"])
     assert result.returncode != 0
     assert "cut for tp=2 but 3 processes were launched" in result.stderr
+
+
+def _edit_manifest(shard_dir: Path, edit) -> None:
+    path = shard_dir / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _refused_by_verify_and_loader(shard_dir: Path, *fragments: str) -> None:
+    result = run_module("sharding.verify", [shard_dir])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert all(f in result.stderr for f in fragments), result.stderr
+    with pytest.raises(ShardingError) as refused:
+        load_rank_shard(shard_dir, 1, 2)
+    assert all(f in str(refused.value) for f in fragments), refused.value
+
+
+@needs_golden
+def test_edited_manifest_shape_names_the_tensor(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    shard_here(CASE / "checkpoint.pt", 2, out)
+    victim = "transformer.blocks.1.mlp_imag.fc2.weight"
+    _edit_manifest(out, lambda m: m["files"][1]["tensors"][victim].update(shape=[64, 64]))
+    _refused_by_verify_and_loader(out, victim, "(64, 64)")
+
+
+@needs_golden
+def test_edited_manifest_dtype_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    shard_here(CASE / "checkpoint.pt", 2, out)
+    victim = "pooler.dense.weight"
+    _edit_manifest(out, lambda m: m["files"][1]["tensors"][victim].update(dtype="float16"))
+    _refused_by_verify_and_loader(out, victim, "float32 in the file", "float16 in the manifest")
+
+
+@needs_golden
+def test_verify_finds_non_finite_weights_in_shards(tmp_path: Path) -> None:
+    # Shards cut before sharding refused non-finite weights: hashes match, the weights are NaN.
+    from safetensors.torch import load_file, save_file
+
+    from engine.runtime.shards import sha256_file
+
+    out = tmp_path / "s"
+    shard_here(CASE / "checkpoint.pt", 2, out)
+    victim = "transformer.blocks.0.attn.qkv.weight"
+    shard_file = out / "rank-01-of-02.safetensors"
+    tensors = load_file(str(shard_file))
+    tensors[victim][3, 5] = float("nan")
+    save_file(tensors, str(shard_file))
+    _edit_manifest(out, lambda m: m["files"][1].update(sha256=sha256_file(shard_file)))
+    result = run_module("sharding.verify", [out])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "rank-01-of-02.safetensors" in result.stderr and victim in result.stderr and "1 NaN" in result.stderr

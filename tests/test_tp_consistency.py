@@ -2,13 +2,11 @@
 route (joint with and without VL experts, text-only, image-only), relative or absolute positions."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _run import run_torchrun, shard
+from _run import forward_many, shard_here
 from engine.runtime.config import VLMoConfig
 from engine.runtime.plan import full_shapes
 
@@ -49,46 +47,38 @@ def _inputs(cfg: VLMoConfig, batch: int = 3) -> dict:
     return {"text_ids": ids * masks, "text_masks": masks, "image": image(), "image_0": image(), "image_1": image()}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict:
-    """variant -> (work dir, checkpoint path), built on first use."""
-    built: dict = {}
-
-    def get(variant: str) -> tuple:
-        if variant not in built:
-            cfg = VLMoConfig(**{**BASE, **VARIANTS[variant]})
-            root = tmp_path_factory.mktemp(variant)
-            hyper = {"config": {"image_size": cfg.image_size, "max_text_len": cfg.max_text_len}}
-            torch.save({"state_dict": _spread_weights(cfg, seed=7), "hyper_parameters": hyper},
-                       root / "checkpoint.pt")
-            save_file(_inputs(cfg), str(root / "inputs.safetensors"))
-            built[variant] = root, root / "checkpoint.pt"
-        return built[variant]
-
-    return get
-
-
-def _run(root: Path, checkpoint: Path, tp: int, task: str) -> dict:
-    shards = root / f"tp{tp}"
-    if not shards.exists():
-        done = shard(checkpoint, tp, shards, "--num-heads", 6)
-        assert done.returncode == 0, done.stderr
-    out = root / f"{task}-tp{tp}.safetensors"
-    ran = run_torchrun(tp, "engine.forward", ["--shards", shards, "--inputs", root / "inputs.safetensors",
-                                              "--out", out, "--task", task, "--device", "cpu"])
-    assert ran.returncode == 0, ran.stderr
-    return load_file(str(out))
-
-
 # Absolute positions change only the embeddings, so one task covers them.
-@pytest.mark.parametrize("variant,task,degrees", [
-    ("relpos", "vqa", (3,)), ("relpos", "nlvr2", (3,)), ("relpos", "irtr", (3,)), ("abspos", "vqa", (3,)),
-])
-def test_higher_degrees_match_tp1(checkpoints, variant: str, task: str, degrees: tuple) -> None:
-    root, checkpoint = checkpoints(variant)
-    reference = _run(root, checkpoint, 1, task)
-    for tp in degrees:
-        got = _run(root, checkpoint, tp, task)
+RUNS = [("relpos", "vqa"), ("relpos", "nlvr2"), ("relpos", "irtr"), ("abspos", "vqa")]
+DEGREES = (3,)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict:
+    """(variant, task, tp) -> outputs of engine.forward; one launch per degree runs every variant and task."""
+    root = tmp_path_factory.mktemp("consistency")
+    for variant in VARIANTS:
+        cfg = VLMoConfig(**{**BASE, **VARIANTS[variant]})
+        hyper = {"config": {"image_size": cfg.image_size, "max_text_len": cfg.max_text_len}}
+        (root / variant).mkdir()
+        torch.save({"state_dict": _spread_weights(cfg, seed=7), "hyper_parameters": hyper},
+                   root / variant / "checkpoint.pt")
+        save_file(_inputs(cfg), str(root / variant / "inputs.safetensors"))
+    found = {}
+    for tp in (1, *DEGREES):
+        for variant in VARIANTS:
+            shard_here(root / variant / "checkpoint.pt", tp, root / variant / f"tp{tp}", "--num-heads", 6)
+        forward_many(tp, [{"shards": root / v / f"tp{tp}", "inputs": root / v / "inputs.safetensors",
+                           "out": root / v / f"{task}-tp{tp}.safetensors", "task": task} for v, task in RUNS],
+                     root / f"plan-tp{tp}.json")
+        found.update({(v, task, tp): load_file(str(root / v / f"{task}-tp{tp}.safetensors")) for v, task in RUNS})
+    return found
+
+
+@pytest.mark.parametrize("variant,task", RUNS)
+def test_higher_degrees_match_tp1(outputs: dict, variant: str, task: str) -> None:
+    reference = outputs[(variant, task, 1)]
+    for tp in DEGREES:
+        got = outputs[(variant, task, tp)]
         for name, want in reference.items():
             assert want.abs().max() > 1e-3, f"{name} is degenerate"  # the check below must be able to fail
             assert (got[name] - want).abs().max().item() <= 1e-4, f"{name} at tp={tp}"

@@ -7,24 +7,24 @@ from typing import Callable
 
 import click
 
+from ..options import option_group
 from .karpathy import write_karpathy
 from .nlvr2 import write_nlvr2
 from .raw import DataError
 from .vqav2 import write_vqav2
 
-_root = click.option(
-    "--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The raw download (the layout the published writer reads).",
-)
-_out = click.option(
-    "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the arrow files (created if needed).",
-)
+_in_out = option_group([
+    click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                 help="The raw download (the layout the published writer reads)."),
+    click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                 help="Folder for the arrow files (created if needed)."),
+    click.option("--overwrite", is_flag=True, help="Replace arrow files that already exist in --out (refused otherwise)."),
+])
 
 
-def _run(writer: Callable[[Path, Path], dict], root: Path, out: Path) -> None:
+def _run(writer: Callable[[Path, Path, bool], dict], root: Path, out: Path, overwrite: bool) -> None:
     try:
-        counts = writer(root, out)
+        counts = writer(root, out, overwrite)
     except DataError as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:  # inputs are read through DataError, so this is the output side
@@ -39,47 +39,43 @@ def main() -> None:
 
 
 @main.command()
-@_root
-@_out
-def vqav2(root: Path, out: Path) -> None:
+@_in_out
+def vqav2(root: Path, out: Path, overwrite: bool) -> None:
     """VQAv2 from the official download.
 
     Writes vqav2_{train,val,trainable_val,rest_val,test,test-dev}.arrow and answer2label.txt.
     """
-    _run(write_vqav2, root, out)
+    _run(write_vqav2, root, out, overwrite)
 
 
 @main.command()
-@_root
-@_out
-def coco(root: Path, out: Path) -> None:
+@_in_out
+def coco(root: Path, out: Path, overwrite: bool) -> None:
     """COCO captions, Karpathy splits.
 
     Writes coco_caption_karpathy_{train,val,restval,test}.arrow.
     """
-    _run(partial(write_karpathy, "coco"), root, out)
+    _run(partial(write_karpathy, "coco"), root, out, overwrite)
 
 
 @main.command()
-@_root
-@_out
-def f30k(root: Path, out: Path) -> None:
+@_in_out
+def f30k(root: Path, out: Path, overwrite: bool) -> None:
     """Flickr30k captions, Karpathy splits.
 
     Writes f30k_caption_karpathy_{train,val,test}.arrow.
     """
-    _run(partial(write_karpathy, "f30k"), root, out)
+    _run(partial(write_karpathy, "f30k"), root, out, overwrite)
 
 
 @main.command()
-@_root
-@_out
-def nlvr2(root: Path, out: Path) -> None:
+@_in_out
+def nlvr2(root: Path, out: Path, overwrite: bool) -> None:
     """NLVR2 image pairs and sentences.
 
     Writes nlvr2_{train,dev,test1}.arrow, and the balanced/unbalanced subsets when present.
     """
-    _run(write_nlvr2, root, out)
+    _run(write_nlvr2, root, out, overwrite)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Arrow IPC files: all-or-nothing writing of a writer's outputs, and memory-mapped reading."""
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Sequence
 
 import pyarrow as pa
 
+from ..atomic import atomic_path
 from .raw import DataError
 
 # File name of each dataset's split, shared by the writers and the readers.
@@ -48,12 +48,13 @@ class ArrowSink:
 
 
 class StagedOutputs:
-    """Output files written under temporary names, renamed into place only by `commit`."""
+    """Output files written under temporary names (engine.atomic), renamed into place together at the end."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, names: Sequence[str], stack: ExitStack) -> None:
         self.out_dir = out_dir
-        self._staged: dict = {}  # final name -> temporary path
-        self._sinks: list = []
+        self._names = set(names)
+        self._stack = stack
+        self._sinks: List[ArrowSink] = []
 
     def arrow(self, name: str, schema: pa.Schema) -> ArrowSink:
         sink = ArrowSink(self._stage(name), schema)
@@ -63,42 +64,39 @@ class StagedOutputs:
     def text(self, name: str, content: str) -> None:
         self._stage(name).write_text(content, encoding="utf-8")
 
-    def commit(self) -> None:
-        for sink in self._sinks:
-            sink.close()
-        for name, tmp in self._staged.items():
-            os.replace(tmp, self.out_dir / name)
-        self._staged.clear()
-
-    def discard(self) -> None:
+    def close_sinks(self, quietly: bool = False) -> None:
         for sink in self._sinks:
             try:
                 sink.close()
             except (OSError, pa.ArrowException):
-                pass  # the file is deleted next anyway
-        for tmp in self._staged.values():
-            tmp.unlink(missing_ok=True)
-        self._staged.clear()
+                if not quietly:
+                    raise  # otherwise the file is deleted next anyway
 
     def _stage(self, name: str) -> Path:
-        # A hidden name without the final suffix, so a partial file never
-        # looks like a finished one.
-        tmp = self.out_dir / f".{name}.partial"
-        self._staged[name] = tmp
-        return tmp
+        if name not in self._names:
+            raise ValueError(f"{name} is not among the declared outputs {sorted(self._names)}")
+        return self._stack.enter_context(atomic_path(self.out_dir / name))
 
 
 @contextmanager
-def staged_outputs(out_dir: Path) -> Iterator[StagedOutputs]:
-    """All outputs of the block appear together at its end, or none on error."""
+def staged_outputs(out_dir: Path, names: Sequence[str], overwrite: bool = False) -> Iterator[StagedOutputs]:
+    """All outputs of the block (`names`, declared up front) appear together at its end, or none on error.
+
+    Existing files among `names` are refused before any work unless `overwrite`, as the sharding tool does.
+    """
+    existing = [name for name in names if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise DataError(f"{out_dir / existing[0]} already exists ({len(existing)} of the outputs do); "
+                        f"pass --overwrite to replace them")
     out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = StagedOutputs(out_dir)
-    try:
-        yield outputs
-        outputs.commit()
-    except BaseException:
-        outputs.discard()
-        raise
+    with ExitStack() as stack:
+        outputs = StagedOutputs(out_dir, names, stack)
+        try:
+            yield outputs
+        except BaseException:
+            outputs.close_sinks(quietly=True)
+            raise
+        outputs.close_sinks()
 
 
 def split_filename(dataset: str, split: str) -> str:

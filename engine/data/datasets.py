@@ -8,7 +8,7 @@ a zero image, ``image_ok`` False and the reason in ``image_error``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -16,9 +16,11 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from .arrow_io import read_split
+from .arrow_io import read_split, read_table, split_filename
 from .image import ImageDecodeError, load_image
+from .raw import DataError
 from .text import TextTokenizer
+from .vqav2 import official_filename
 
 PathLike = Union[str, Path]
 
@@ -30,22 +32,22 @@ class _LazyTable:
     workers) maps the file again on first use instead of carrying its data.
     """
 
-    def __init__(self, arrow_dir: PathLike, dataset: str, split: str) -> None:
-        self._where = (Path(arrow_dir), dataset, split)
+    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, file_name: Optional[str] = None) -> None:
+        self._path = Path(arrow_dir) / (file_name or split_filename(dataset, split))
         # Opened now so a missing file fails in the parent process.
-        self._table: Optional[pa.Table] = read_split(*self._where)
+        self._table: Optional[pa.Table] = read_table(self._path)
 
     @property
     def table(self) -> pa.Table:
         if self._table is None:
-            self._table = read_split(*self._where)
+            self._table = read_table(self._path)
         return self._table
 
     def value(self, column: str, row: int):
         return self.table.column(column)[row].as_py()
 
     def __getstate__(self) -> dict:
-        return {"_where": self._where, "_table": None}
+        return {"_path": self._path, "_table": None}
 
 
 def _flatten(table: pa.Table, column: str) -> tuple:
@@ -71,17 +73,39 @@ def _tokens(tokenizer: TextTokenizer, text: str) -> dict:
     return {"text_ids": encoded["text_ids"][0], "text_masks": encoded["text_masks"][0]}
 
 
-class VQADataset(Dataset):
-    """One item per question of vqav2_{split}.arrow, rows then questions in file order."""
+class _PerTextDataset(Dataset):
+    """One item per element of a list column of a split (a question, a sentence), rows then elements in file
+    order; the row's image(s) decoded at `image_size`."""
 
-    def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int) -> None:
-        self._arrow = _LazyTable(arrow_dir, "vqav2", split)
+    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, column: str, tokenizer: TextTokenizer,
+                 image_size: int) -> None:
+        self._arrow = _LazyTable(arrow_dir, dataset, split)
         self.tokenizer = tokenizer
         self.image_size = image_size
-        self._rows, self._positions = _flatten(self._arrow.table, "question_id")
+        self._rows, self._positions = _flatten(self._arrow.table, column)
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+class VQADataset(_PerTextDataset):
+    """One item per question of vqav2_{split}.arrow, rows then questions in file order."""
+
+    def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int) -> None:
+        super().__init__(arrow_dir, "vqav2", split, "question_id", tokenizer, image_size)
+        self._official, self.official_missing = self._official_annotations(Path(arrow_dir), split)
+
+    def _official_annotations(self, arrow_dir: Path, split: str) -> Tuple[Optional[_LazyTable], Optional[str]]:
+        """The split's official annotations (engine.data.vqav2.OFFICIAL_SCHEMA), or None and why there are none."""
+        name = official_filename(split_filename("vqav2", split))
+        if not (arrow_dir / name).is_file():
+            return None, (f"no {name} beside the arrow file: the published arrow format keeps only the answers in "
+                          f"the label vocabulary; `python -m engine.data vqav2` writes it")
+        official = _LazyTable(arrow_dir, "vqav2", split, file_name=name)
+        if official.table.column("question_id").to_pylist() != self.question_ids():
+            raise DataError(f"{arrow_dir / name} does not list the questions of {split_filename('vqav2', split)} "
+                            f"in its order; write both again with `python -m engine.data vqav2`")
+        return official, None
 
     def question_ids(self) -> list:
         """The question id of every item, in item order, without decoding any image."""
@@ -106,7 +130,13 @@ class VQADataset(Dataset):
             "answers": answers[j] if answers else [],
             "answer_labels": labels[j] if labels else [],
             "answer_scores": scores[j] if scores else [],
+            **(self._official_fields(index) if self._official else {}),
         }
+
+    def _official_fields(self, index: int) -> dict:
+        value = self._official.value
+        return {"human_answers": value("answers", index), "answer_type": value("answer_type", index),
+                "question_type": value("question_type", index)}
 
 
 class KarpathyImageDataset(Dataset):
@@ -153,17 +183,11 @@ class KarpathyTextDataset(Dataset):
         }
 
 
-class NLVR2Dataset(Dataset):
+class NLVR2Dataset(_PerTextDataset):
     """One item per sentence of nlvr2_{split}.arrow; `label` is True when the sentence holds."""
 
     def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int) -> None:
-        self._arrow = _LazyTable(arrow_dir, "nlvr2", split)
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self._rows, self._positions = _flatten(self._arrow.table, "questions")
-
-    def __len__(self) -> int:
-        return len(self._rows)
+        super().__init__(arrow_dir, "nlvr2", split, "questions", tokenizer, image_size)
 
     def keys(self) -> list:
         """(identifier, question_index) of every item, in item order, without decoding any image.

@@ -69,18 +69,18 @@ def _locate(root: Path, source: KarpathySource, name: str) -> Path:
     raise DataError(f"missing image file {looked} (listed in {root / source.annotations})")
 
 
-def write_karpathy(dataset: str, root: Path, out: Path) -> dict:
+def write_karpathy(dataset: str, root: Path, out: Path, overwrite: bool = False) -> dict:
     """Write the split files of `dataset` ("coco" or "f30k"); returns rows per file."""
     source = SOURCES[dataset]
+    names = [split_filename(dataset, split) for split in source.splits]
     entries = _entries(root / source.annotations)
     # Images without captions or outside the written splits are left out, as published.
     kept = {name: e for name, e in entries.items() if e["caption"] and e["split"] in source.splits}
     paths = {name: _locate(root, source, name) for name in kept}
 
     counts = {}
-    with staged_outputs(out) as outputs:
-        for split in source.splits:
-            filename = split_filename(dataset, split)
+    with staged_outputs(out, names, overwrite) as outputs:
+        for split, filename in zip(source.splits, names):
             sink = outputs.arrow(filename, SCHEMA)
             names = [name for name, e in kept.items() if e["split"] == split]
             with click.progressbar(names, label=filename, file=sys.stderr) as bar:

@@ -56,7 +56,7 @@ def _image_paths(root: Path, pair: str, records: list) -> tuple:
     return tuple(folder / f"{pair}-img{i}.png" for i in (0, 1))
 
 
-def write_nlvr2(root: Path, out: Path) -> dict:
+def write_nlvr2(root: Path, out: Path, overwrite: bool = False) -> dict:
     """Write nlvr2_{split}.arrow for each split present; returns rows per file."""
     files = dict(REQUIRED)
     files.update({s: name for s, name in OPTIONAL.items() if (root / DATA_DIR / name).is_file()})
@@ -79,9 +79,10 @@ def write_nlvr2(root: Path, out: Path) -> dict:
         splits[split] = rows
 
     counts = {}
-    with staged_outputs(out) as outputs:
+    names = {split: split_filename("nlvr2", split) for split in splits}
+    with staged_outputs(out, list(names.values()), overwrite) as outputs:
         for split, rows in splits.items():
-            filename = split_filename("nlvr2", split)
+            filename = names[split]
             sink = outputs.arrow(filename, SCHEMA)
             with click.progressbar(rows, label=filename, file=sys.stderr) as bar:
                 for row in bar:

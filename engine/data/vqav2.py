@@ -4,7 +4,9 @@ Differences from the published writer, none affecting row content: rows are in
 the order images first appear in the questions file (the published writer
 shuffles them at random, so its `trainable_val` / `rest_val` cut was not
 reproducible); an annotated image missing on disk is an error instead of being
-dropped silently; an empty table keeps the full column types.
+dropped silently; an empty table keeps the full column types. Beside each file
+with answers (train, val and the cuts of val) goes `vqav2_SPLIT.official.arrow`
+with what the official VQA accuracy needs (OFFICIAL_SCHEMA).
 """
 from __future__ import annotations
 
@@ -60,6 +62,21 @@ TEST_SCHEMA = pa.schema(
 )
 
 
+# Beside each labelled arrow file, one row per question in the arrow file's question order: what the official
+# VQA accuracy needs and the published format leaves out (the ten raw human answers, answer and question type).
+OFFICIAL_SCHEMA = pa.schema([
+    ("question_id", pa.int64()),
+    ("answers", pa.list_(pa.string())),
+    ("answer_type", pa.string()),
+    ("question_type", pa.string()),
+])
+
+
+def official_filename(arrow_name: str) -> str:
+    """The official-annotations file beside an arrow file: vqav2_val.arrow -> vqav2_val.official.arrow."""
+    return arrow_name[:-len(".arrow")] + ".official.arrow"
+
+
 def _questions_by_image(path: Path) -> dict:
     """image_id -> {question_id: {"question": text}}, both in file order."""
     by_image: dict = {}
@@ -78,6 +95,9 @@ def _attach_answers(path: Path, annotations: list, by_image: dict, label_of: dic
                 raise DataError(
                     f"{path}: question_id {a['question_id']} (image_id {a['image_id']}) has no question"
                 )
+            question["official"] = {"question_id": int(a["question_id"]),
+                                    "answers": [str(answer["answer"]) for answer in a["answers"]],
+                                    "answer_type": str(a["answer_type"]), "question_type": str(a["question_type"])}
             question["labels"], question["scores"] = score_answers(
                 (answer["answer"] for answer in a["answers"]), label_of
             )
@@ -104,6 +124,7 @@ def _rows(split: str, by_image: dict, labelled: bool, questions_file: str) -> li
                 "image_id": image_id,
                 "question_id": list(questions),
                 "split": split,
+                "official": [q["official"] for q in questions.values()] if labelled else [],
             }
         )
     return rows
@@ -114,8 +135,9 @@ def _image_path(root: Path, split: str, image_id: int) -> Path:
     return root / folder / f"COCO_{folder}_{image_id:012d}.jpg"
 
 
-def write_vqav2(root: Path, out: Path) -> dict:
-    """Write vqav2_{train,val,trainable_val,rest_val,test,test-dev}.arrow and answer2label.txt.
+def write_vqav2(root: Path, out: Path, overwrite: bool = False) -> dict:
+    """Write vqav2_{train,val,trainable_val,rest_val,test,test-dev}.arrow, the .official.arrow files beside
+    the ones with answers, and answer2label.txt.
 
     Returns the number of rows per file written.
     """
@@ -141,16 +163,19 @@ def write_vqav2(root: Path, out: Path) -> dict:
         )
 
     cut = max(len(rows["val"]) - REST_VAL_ROWS, 0)
+    # Each output file of a split with the row indices it takes from that split.
+    split_parts = {split: {split_filename("vqav2", split): range(len(split_rows))} for split, split_rows in rows.items()}
+    split_parts["val"][split_filename("vqav2", "trainable_val")] = range(0, cut)
+    split_parts["val"][split_filename("vqav2", "rest_val")] = range(cut, len(rows["val"]))
+    sidecars = {name: official_filename(name) for split in ANNOTATION_FILES for name in split_parts[split]}
+    names = [name for parts in split_parts.values() for name in parts] + list(sidecars.values()) + [ANSWER_TABLE]
     counts = {}
-    with staged_outputs(out) as outputs:
+    with staged_outputs(out, names, overwrite) as outputs:
         for split, split_rows in rows.items():
-            # Each output file with the row indices it takes from this split.
-            parts = {split_filename("vqav2", split): range(len(split_rows))}
-            if split == "val":
-                parts[split_filename("vqav2", "trainable_val")] = range(0, cut)
-                parts[split_filename("vqav2", "rest_val")] = range(cut, len(split_rows))
+            parts = split_parts[split]
             schema = LABELLED_SCHEMA if split in ANNOTATION_FILES else TEST_SCHEMA
             sinks = {name: outputs.arrow(name, schema) for name in parts}
+            official = {name: outputs.arrow(sidecars[name], OFFICIAL_SCHEMA) for name in parts if name in sidecars}
             counts.update({name: len(indices) for name, indices in parts.items()})
             with click.progressbar(split_rows, label=f"vqav2_{split}", file=sys.stderr) as bar:
                 for index, row in enumerate(bar):
@@ -159,6 +184,8 @@ def write_vqav2(root: Path, out: Path) -> dict:
                     for name, indices in parts.items():
                         if index in indices:
                             sinks[name].append(full)
+                            for question in row["official"] if name in official else ():
+                                official[name].append(question)
         outputs.text(ANSWER_TABLE, "".join(json.dumps({"answer": a, "label": i}) + "\n" for i, a in enumerate(labels)))
     return counts
 

@@ -6,9 +6,7 @@ from typing import Union
 
 
 class ShardingError(Exception):
-    """A refusal that names the file it is about."""
+    """A refusal that names the file it is about: `PATH: problem`."""
 
     def __init__(self, path: Union[str, Path], problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{path}: {problem}")

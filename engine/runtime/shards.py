@@ -34,6 +34,22 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as the manifest spells it: float32, bfloat16, ..."""
+    return str(dtype).replace("torch.", "")
+
+
+def non_finite(tensor: torch.Tensor) -> Optional[str]:
+    """What is non-finite in a floating tensor ("holds 1 NaN and 0 infinite values of 4096"), or None."""
+    if not tensor.is_floating_point():
+        return None
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    nans = int(torch.isnan(tensor).sum())
+    return f"holds {nans} NaN and {tensor.numel() - int(finite.sum()) - nans} infinite values of {tensor.numel()}"
+
+
 def shard_file_name(rank: int, tp: int) -> str:
     return f"rank-{rank:02d}-of-{tp:02d}.safetensors"
 
@@ -78,21 +94,34 @@ def _check_file(shard_dir: Path, manifest: Manifest, rank: int, check_hash: bool
         raise ShardingError(path, f"rank {rank}'s shard file is missing")
     if check_hash and sha256_file(path) != entry["sha256"]:
         raise ShardingError(path, "sha256 does not match the manifest: the file was changed or damaged; re-shard")
-    expected = local_shapes(manifest.config, manifest.tp)
-    listed = {k: tuple(v["shape"]) for k, v in entry["tensors"].items()}
-    if listed != expected:
-        raise ShardingError(path, "the manifest's tensor list does not match the sharding plan for its config")
+    try:
+        listed = {k: tuple(v["shape"]) for k, v in entry["tensors"].items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ShardingError(Path(shard_dir) / MANIFEST, f"malformed tensor list for rank {rank} ({exc!r})") from None
+    _check_tensors(Path(shard_dir) / MANIFEST, listed, local_shapes(manifest.config, manifest.tp),
+                   f"rank {rank}'s entry ")
     return path
 
 
-def _check_tensors(path: Path, tensors: Mapping[str, Any], expected: Mapping[str, tuple]) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+def _check_tensors(path: Path, shapes: Mapping[str, Any], expected: Mapping[str, tuple], where: str = "") -> None:
+    """Names and shapes (of a file, or of the manifest's list for it) against the plan, naming the first mismatch."""
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
     if missing or extra:
-        raise ShardingError(path, f"tensor names differ from the plan (missing {missing[:4]}, unexpected {extra[:4]})")
+        raise ShardingError(path, f"{where}tensor names differ from the sharding plan of its config "
+                                  f"(missing {missing[:4]}, unexpected {extra[:4]})")
     for name, shape in expected.items():
-        if tuple(tensors[name]) != tuple(shape):
-            raise ShardingError(path, f"{name} has shape {tuple(tensors[name])}, the plan says {tuple(shape)}")
+        if tuple(shapes[name]) != tuple(shape):
+            raise ShardingError(path, f"{where}{name} has shape {tuple(shapes[name])}, "
+                                      f"the sharding plan says {tuple(shape)}")
+
+
+def _check_dtypes(path: Path, dtypes: Mapping[str, str], entry: Mapping[str, Any]) -> None:
+    """Each tensor's dtype in the file against the one the manifest lists for it."""
+    for name, spec in entry["tensors"].items():
+        listed = spec.get("dtype")
+        if dtypes[name] != listed:
+            raise ShardingError(path, f"{name} is {dtypes[name]} in the file but {listed} in the manifest")
 
 
 def load_rank_shard(shard_dir: Path, rank: int, tp: int,
@@ -109,16 +138,27 @@ def load_rank_shard(shard_dir: Path, rank: int, tp: int,
     path = _check_file(shard_dir, manifest, rank)
     tensors = load_file(str(path))
     _check_tensors(path, {k: v.shape for k, v in tensors.items()}, local_shapes(manifest.config, tp))
+    _check_dtypes(path, {k: dtype_name(v.dtype) for k, v in tensors.items()}, manifest.file_for(rank))
     return tensors
 
 
 def verify_shards(shard_dir: Path) -> Manifest:
-    """Check a shard directory without running the model: every file present, hashed and shaped as planned."""
+    """Check a shard directory without running the model: every file present, hashed, typed and shaped as
+    planned, and every weight finite."""
     manifest = read_manifest(shard_dir)
     check_degree(manifest.config, manifest.tp)
     for rank in range(manifest.tp):
         path = _check_file(shard_dir, manifest, rank)
         with safe_open(str(path), framework="pt") as handle:
             shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-        _check_tensors(path, shapes, local_shapes(manifest.config, manifest.tp))
+            _check_tensors(path, shapes, local_shapes(manifest.config, manifest.tp))
+            # One tensor at a time: a rank's whole shard need not fit in memory twice.
+            dtypes = {}
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                dtypes[name] = dtype_name(tensor.dtype)
+                problem = non_finite(tensor)
+                if problem:
+                    raise ShardingError(path, f"{name} {problem}; the checkpoint it was cut from is broken")
+        _check_dtypes(path, dtypes, manifest.file_for(rank))
     return manifest

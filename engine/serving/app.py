@@ -127,19 +127,25 @@ def build_app(state: ServerState) -> FastAPI:
     async def page() -> str:
         return page_html(state.model_id, VQA in state.kinds)
 
+    async def image_task(request: Request, files: Sequence[str], text: str, make: Callable,
+                         from_json: Callable[[bytes], Prepared]) -> Prepared:
+        """A VQA or NLVR2 job from JSON, or from multipart: image `files`, the `text` field, optional top_k."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await offload(from_json, await request.body())
+        form = await _form(request)
+        images = [await _upload(form, name, state) for name in files]
+        prepared = await offload(lambda: make(*(state.preprocessor.image(data, name)
+                                                for data, name in zip(images, files)), required(form, text)))
+        prepared.options["top_k"] = form.get("top_k")
+        return prepared
+
     @app.post("/v1/vqa")
     async def vqa(request: Request) -> Dict[str, Any]:
         began = time.perf_counter()
         need(VQA, "VQA")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await _form(request)
-            image = await _upload(form, "image", state)
-            prepared = await offload(lambda: state.preprocessor.vqa(
-                state.preprocessor.image(image, "image"), required(form, "question")))
-            top_k = form.get("top_k")
-        else:
-            prepared, top_k = await offload(state.preprocessor.vqa_json, await request.body())
-        k = top_k_of(top_k, len(state.answers))
+        prepared = await image_task(request, ["image"], "question", state.preprocessor.vqa,
+                                    state.preprocessor.vqa_json)
+        k = top_k_of(prepared.options.get("top_k"), len(state.answers))
         results = await run([prepared])
         return {**vqa_response(results[0].output, state.answers, k), **answered(began, [prepared], results)}
 
@@ -147,7 +153,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(request: Request) -> Dict[str, Any]:
         began = time.perf_counter()
         need(VQA, "VQA")
-        prepared, _ = await offload(state.preprocessor.chat_json, await request.body())
+        prepared = await offload(state.preprocessor.chat_json, await request.body())
         results = await run([prepared])
         answer = vqa_response(results[0].output, state.answers, 1)["answer"]
         response = chat_response(answer, state.model_id, prepared.tokens)
@@ -158,14 +164,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def nlvr2(request: Request) -> Dict[str, Any]:
         began = time.perf_counter()
         need(NLVR2, "NLVR2")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await _form(request)
-            images = [await _upload(form, f"image_{i}", state) for i in (0, 1)]
-            prepared = await offload(lambda: state.preprocessor.nlvr2(
-                *(state.preprocessor.image(b, f"image_{i}") for i, b in enumerate(images)),
-                required(form, "sentence")))
-        else:
-            prepared = await offload(state.preprocessor.nlvr2_json, await request.body())
+        prepared = await image_task(request, ["image_0", "image_1"], "sentence", state.preprocessor.nlvr2,
+                                    state.preprocessor.nlvr2_json)
         results = await run([prepared])
         return {**nlvr2_response(results[0].output), **answered(began, [prepared], results)}
 

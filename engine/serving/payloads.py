@@ -30,6 +30,7 @@ class Prepared:
     inputs: Dict[str, torch.Tensor]
     tokens: int = 0
     notes: List[str] = field(default_factory=list)
+    options: Dict[str, Any] = field(default_factory=dict)  # request options besides the inputs (top_k)
 
 
 def parse_json(body: bytes) -> Dict[str, Any]:
@@ -87,12 +88,13 @@ class Preprocessor:
         text, tokens, notes = self._text(sentence, "sentence")
         return Prepared(NLVR2, {**text, "image_0": image_0, "image_1": image_1}, tokens, notes)
 
-    def vqa_json(self, body: bytes) -> Tuple[Prepared, Any]:
-        """POST /v1/vqa as JSON: the job, and top_k as sent (the caller checks it against the answer table)."""
+    def vqa_json(self, body: bytes) -> Prepared:
+        """POST /v1/vqa as JSON; top_k as sent (the caller checks it against the answer table)."""
         data = parse_json(body)
         question = required(data, "question")
         prepared = self.vqa(self.encoded_image(required(data, "image"), "image"), question)
-        return prepared, data.get("top_k")
+        prepared.options["top_k"] = data.get("top_k")
+        return prepared
 
     def nlvr2_json(self, body: bytes) -> Prepared:
         data = parse_json(body)
@@ -104,7 +106,7 @@ class Preprocessor:
         sentence = required(data, "sentence")
         return self.nlvr2(*(self.encoded_image(v, f"images[{i}]") for i, v in enumerate(images)), sentence)
 
-    def chat_json(self, body: bytes) -> Tuple[Prepared, Dict[str, Any]]:
+    def chat_json(self, body: bytes) -> Prepared:
         """An OpenAI chat request: its last user message's image_url (data URI) and text parts."""
         data = parse_json(body)
         if data.get("stream"):
@@ -116,7 +118,7 @@ class Preprocessor:
         if not user:
             raise RequestError("messages: no message with role 'user'")
         image, question = _chat_parts(user[-1].get("content"))
-        return self.vqa(self.encoded_image(image, "image_url"), question), data
+        return self.vqa(self.encoded_image(image, "image_url"), question)
 
     def embeddings_json(self, body: bytes, max_items: int) -> Tuple[List[Prepared], Dict[str, Any]]:
         """One job per input: `input` texts, `images` (base64 or data URIs), or `input` items that are images

@@ -1,9 +1,11 @@
-"""What every torchrun entry point shares: the common options, engine start-up, and one-line errors."""
+"""What every torchrun entry point shares: the common options, output checks, engine start-up, and one-line errors."""
 from __future__ import annotations
 
 import functools
 import os
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -12,17 +14,30 @@ import click
 import torch
 import torch.distributed as dist
 
-from ..runtime.errors import ShardingError
-from ..runtime.shards import Manifest, read_manifest
-
 from ..data.raw import DataError
+from ..options import option_group
+from ..runtime.config import VLMoConfig
 from ..runtime.distributed import LaunchError, ParallelContext, init_parallel, shutdown
+from ..runtime.errors import ShardingError
 from ..runtime.loading import DTYPES, default_dtype, load_model
 from ..runtime.model import VLMo
+from ..runtime.shards import Manifest, read_manifest
 
 
 class UsageError(ValueError):
     """Bad input to a task (a missing tensor, a wrong shape, a split that is not there)."""
+
+
+class ModelOutputError(RuntimeError):
+    """The model gave a non-finite output: an error naming the samples, never an answer."""
+
+
+# Each task head: its name in messages, the checkpoint weights that make it, a published checkpoint that has it.
+HEADS = {
+    "vqa": ("VQA", "vqa_classifier", "vlmo_base_patch16_480_vqa.pt"),
+    "nlvr2": ("NLVR2", "nlvr2_classifier", "vlmo_base_patch16_384_nlvr2.pt"),
+    "irtr": ("retrieval", "itc_text_proj, itc_image_proj", "vlmo_base_patch16_384_coco.pt"),
+}
 
 
 @dataclass
@@ -31,11 +46,12 @@ class Engine:
     model: VLMo
     manifest: Manifest
     dtype: str
+    load_s: float  # this rank's time to load its shard
 
 
 def engine_options(command: Callable) -> Callable:
     """--shards, --device, --dtype, --threads, --timeout."""
-    options = [
+    return option_group([
         click.option("--shards", "shard_dir", required=True, type=click.Path(path_type=Path),
                      help="Directory written by `python -m sharding` (manifest.json + one file per rank)."),
         click.option("--device", default="auto", show_default=True,
@@ -47,10 +63,43 @@ def engine_options(command: Callable) -> Callable:
                      help="CPU threads per rank [default: cores / ranks on this node]."),
         click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
                      help="Seconds a collective may wait for a peer before the job fails."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    ])(command)
+
+
+def require_head(cfg: VLMoConfig, task: str, where: object) -> None:
+    """Refuse a checkpoint without `task`'s head (cfg.tasks), saying which checkpoint has one."""
+    if task not in cfg.tasks:
+        name, weights, example = HEADS[task]
+        raise UsageError(f"{where}: the checkpoint has no {name} head ({weights}; it has: "
+                         f"{', '.join(cfg.tasks) or 'none'}); shard a {name} fine-tuned checkpoint such as {example}")
+
+
+def writable(option: str, path: Path) -> Path:
+    """`path` after checking, before any work, that rank 0 can write it there; else one UsageError line.
+
+    Only rank 0 writes outputs (its node may be the only one with the folder), so only rank 0 checks.
+    A file is tried in the nearest existing folder, which also catches read-only folders for root-less
+    users and ACLs that permission bits do not show.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return path
+    target = Path(os.path.abspath(path))
+    if target.is_dir():
+        raise UsageError(f"{option} {path}: is a directory; name a file")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UsageError(f"{option} {path}: the file is not writable")
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write in {folder} ({exc.strerror})") from None
+    return path
 
 
 def start_engine(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int],
@@ -59,8 +108,9 @@ def start_engine(shard_dir: Path, device: str, dtype: Optional[str], threads: Op
     manifest = read_manifest(shard_dir)
     ctx = init_parallel(device, manifest.tp, timeout_s, threads)
     dtype = dtype or default_dtype(ctx.device)
+    start = time.perf_counter()
     model = load_model(shard_dir, ctx, dtype, manifest)
-    return Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype)
+    return Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype, load_s=time.perf_counter() - start)
 
 
 def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
@@ -71,7 +121,7 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with torch.inference_mode():
                 result = main(*args, **kwargs)
-        except (ShardingError, LaunchError, UsageError, DataError) as exc:
+        except (ShardingError, LaunchError, UsageError, DataError, ModelOutputError) as exc:
             # No orderly shutdown: peers may be inside a collective; torchrun stops them on our exit.
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)

@@ -24,7 +24,7 @@ from typing import Dict, List, Union
 import torch
 from safetensors.torch import load_file, safe_open
 
-from .results import write_safetensors_atomic
+from ..atomic import write_safetensors
 
 FORMAT = "vlmo-tp-retrieval-embeddings"
 FORMAT_VERSION = "1"
@@ -55,7 +55,7 @@ def save_embeddings(path: Union[str, Path], gallery: Gallery, info: Dict[str, st
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **info,
                 "image_ids": json.dumps(gallery.image_ids, ensure_ascii=False),
                 "captions": json.dumps(gallery.captions, ensure_ascii=False)}
-    write_safetensors_atomic(path, tensors, metadata)
+    write_safetensors(path, tensors, metadata)
 
 
 def load_embeddings(path: Union[str, Path]) -> Gallery:

@@ -102,23 +102,23 @@ class LatencyStats:
         """mean/p50/p90/p99/min/max in ms, counts, and samples_per_s when the wall time is given."""
         if not self.times_s:
             raise ValueError("no batches recorded")
-        ms = np.asarray(self.times_s, dtype=np.float64) * 1000.0
-        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-        out: Dict[str, float] = {
-            "mean_ms": float(ms.mean()),
-            "p50_ms": float(p50),
-            "p90_ms": float(p90),
-            "p99_ms": float(p99),
-            "min_ms": float(ms.min()),
-            "max_ms": float(ms.max()),
-            "batches": len(ms),
-            "samples": sum(self.batch_sizes),
-        }
+        out: Dict[str, float] = {f"{k}_ms": v for k, v in percentiles_ms(self.times_s).items() if k != "std"}
+        out.update(batches=len(self.times_s), samples=sum(self.batch_sizes))
         if wall_s is not None:
             if wall_s <= 0:
                 raise ValueError(f"wall time must be positive, got {wall_s}")
             out["samples_per_s"] = out["samples"] / wall_s
         return out
+
+
+def percentiles_ms(seconds: Sequence[float]) -> Dict[str, float]:
+    """mean, p50, p90, p99, min, max and std of durations given in seconds, in milliseconds."""
+    if not len(seconds):
+        raise ValueError("no durations to summarise")
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"mean": float(ms.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+            "min": float(ms.min()), "max": float(ms.max()), "std": float(ms.std())}
 
 
 def _same_length(*seqs) -> int:

@@ -1,4 +1,4 @@
-"""Crash-safe result files: a resumable JSONL log of per-item results, and atomic JSON and safetensors writes.
+"""Crash-safe result files: a resumable JSONL log of per-item results.
 
 Only rank 0 writes. Each appended batch is flushed and fsync'ed, so a killed run
 loses at most the line being written; reopening drops that partial line and
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Set, Tuple, Union
 
-import torch
-from safetensors.torch import save_file
+from ..atomic import fsync_dir, to_builtin
 
 PathLike = Union[str, os.PathLike]
 PlainKey = Union[int, str]
@@ -51,7 +49,7 @@ class ResultsWriter:
                 self._claim(self._key_of(record, f"{self.path}:{lineno}"))
         self._fh = open(self.path, "ab")
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def append(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Write records durably; refuses (writing none of them) if any key is already recorded."""
@@ -100,46 +98,6 @@ def read_results(path: PathLike) -> List[Dict[str, Any]]:
     return _scan(Path(path))[0]
 
 
-def write_json_atomic(path: PathLike, obj: Any, indent: Union[int, None] = None) -> None:
-    """Write JSON via a temporary file and os.replace, so readers never see a half-written file."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=indent, ensure_ascii=False, default=_to_builtin)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    _replace_atomically(Path(path), write)
-
-
-def write_safetensors_atomic(path: PathLike, tensors: Dict[str, torch.Tensor],
-                             metadata: Optional[Dict[str, str]] = None) -> None:
-    """save_file via a temporary file and os.replace, like write_json_atomic."""
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-
-    _replace_atomically(Path(path), write)
-
-
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` a temporary file beside `path`, then rename it into place (removed instead on any failure)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _scan(path: Path) -> Tuple[List[Dict[str, Any]], int]:
     """Parse the complete lines of a JSONL file; return them and their length in bytes."""
     data = path.read_bytes()
@@ -158,14 +116,7 @@ def _scan(path: Path) -> Tuple[List[Dict[str, Any]], int]:
 
 def _dumps(record: Mapping[str, Any]) -> str:
     # json escapes newlines inside strings, so one record is always one line.
-    return json.dumps(record, ensure_ascii=False, default=_to_builtin)
-
-
-def _to_builtin(value: Any) -> Any:
-    # numpy scalars/arrays and tensors reach us from the model outputs.
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+    return json.dumps(record, ensure_ascii=False, default=to_builtin)
 
 
 def _plain_key(value: Any, where: str) -> PlainKey:
@@ -174,17 +125,3 @@ def _plain_key(value: Any, where: str) -> PlainKey:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise TypeError(f"{where}: key must be an int or a str, got {value!r}")
     return value
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a new directory entry durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

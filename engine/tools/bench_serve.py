@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -25,8 +24,8 @@ import click
 
 from ..demo import prepare_assets
 from ..loadgen import Client, request_body, run_load, samples_from_arrow, summary_line
-from .bench_study import REPO, _free_port, run_bench
-from .plot import PALETTE, Panel, Series, draw_figure
+from ..atomic import atomic_path, write_json
+from .bench_study import _free_port, run_bench
 
 TP = 2
 
@@ -41,7 +40,7 @@ class ServerProcess:
                "--device", "cpu", "--dtype", dtype, "--threads", str(threads), "--port", str(self.port),
                "--request-timeout", "3600", *extra]  # a saturated queue of full-size requests waits minutes
         click.echo("$ " + " ".join(cmd), err=True)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 600
         while not self._healthy():
@@ -89,18 +88,34 @@ def load(url: str, bodies: List[bytes], rate: float, concurrency: int, label: st
 
 
 def figure(dynamic: List[Dict[str, Any]], saturated: Dict[str, Dict[str, Any]], path: Path, model: str) -> Path:
+    """Latency (p50, p99) and achieved throughput against the offered Poisson rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
     rates = [r["offered_rate"] for r in dynamic]
-    colour = PALETTE["bf16"]
-    latency = [Series(f"p{q}, dynamic batching", colour if q == 50 else PALETTE["fp32"],
-                      [(r["offered_rate"], r["latency_ms"][f"p{q}"] / 1e3) for r in dynamic],
-                      dashed=q == 99, marker="circle" if q == 50 else "square") for q in (50, 99)]
-    achieved = [Series("achieved req/s", PALETTE["fp16"], [(r["offered_rate"], r["requests_per_s"]) for r in dynamic])]
-    ceiling = saturated["dynamic"]["requests_per_s"]
-    panels = [Panel("End-to-end latency vs offered load", "offered requests / s (Poisson)", "seconds", latency,
-                    [round(r, 2) for r in rates], log_x=False),
-              Panel("Throughput vs offered load", "offered requests / s (Poisson)", "requests / s (dashed: "
-                    "saturated)", achieved, [round(r, 2) for r in rates], reference_y=ceiling, log_x=False)]
-    return draw_figure(panels, path, f"engine.serve, random VLMo-{model} VQA, tp {TP}")
+    fig, (latency, throughput) = plt.subplots(1, 2, figsize=(9.6, 4.2), dpi=110)
+    for q, style in ((50, dict(color="tab:orange", marker="o")), (99, dict(color="tab:blue", marker="s",
+                                                                             linestyle="--"))):
+        latency.plot(rates, [r["latency_ms"][f"p{q}"] / 1e3 for r in dynamic], label=f"p{q}", **style)
+    latency.set(title="End-to-end latency vs offered load", xlabel="offered requests / s (Poisson)",
+                ylabel="seconds", ylim=(0, None))
+    latency.legend(fontsize=8)
+    throughput.plot(rates, [r["requests_per_s"] for r in dynamic], color="tab:green", marker="o", label="achieved")
+    throughput.axhline(saturated["dynamic"]["requests_per_s"], color="gray", linestyle=":",
+                       label="saturated (all requests at once)")
+    throughput.set(title="Throughput vs offered load", xlabel="offered requests / s (Poisson)",
+                   ylabel="requests / s", ylim=(0, None))
+    throughput.legend(fontsize=8)
+    for ax in (latency, throughput):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"engine.serve, random VLMo-{model} VQA, tp {TP}, dynamic batching", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
 
 
 @click.command()
@@ -162,8 +177,7 @@ def main(out_dir: Path, workdir: Path, model: str, dtype: str, threads: Optional
               "single_stream": single, "server_overhead": overhead, "saturated": saturated,
               "dynamic_batching_gain": gain, "latency_vs_rate": by_rate,
               "load_average": os.getloadavg()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out_dir / "report.json", report, indent=1)
     plot = figure(by_rate, saturated, out_dir / "latency_vs_rate.png", model)
     click.echo(f"VLMo-{model} VQA (random weights), tp {TP} x {threads} thread(s), {dtype}, "
                f"{forward['device']}")

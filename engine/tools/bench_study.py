@@ -24,15 +24,12 @@ import click
 import torch
 from safetensors.torch import load_file
 
+from ..atomic import atomic_path, write_json
 from ..runtime.shards import MANIFEST
-
 from .demo_assets import build_random_checkpoint
 from ..runtime.distributed import init_parallel
 from ..runtime.loading import load_model
-from .plot import PALETTE, Panel, Series, draw_figure
 
-REPO = Path(__file__).resolve().parents[2]
-GOLDEN = REPO.parent / "shared" / "golden"
 CHECKPOINT_NAME = "vlmo_base_patch16_480_vqa_random_seed0.pt"
 
 
@@ -53,7 +50,7 @@ def build_assets(cache: Path, tps: Sequence[int]) -> Dict[int, Path]:
 def _run(cmd: List[Any]) -> None:
     cmd = [str(c) for c in cmd]
     click.echo("$ " + " ".join(cmd), err=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    subprocess.run(cmd, check=True)
 
 
 def _free_port() -> int:
@@ -71,7 +68,7 @@ def run_bench(shards: Path, tp: int, dtype: str, batch: int, threads: int, warmu
     return json.loads(out.read_text())
 
 
-def golden_vqa_agreement(golden: Path = GOLDEN, dtype: str = "bf16") -> Dict[str, Dict[str, Any]]:
+def golden_vqa_agreement(golden: Path, dtype: str = "bf16") -> Dict[str, Dict[str, Any]]:
     """Per golden VQA case: does `dtype` give fp32's top-1 answers, and how far apart are the logits."""
     results = {}
     ctx = init_parallel("cpu", 1)
@@ -81,7 +78,7 @@ def golden_vqa_agreement(golden: Path = GOLDEN, dtype: str = "bf16") -> Dict[str
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run([sys.executable, "-m", "sharding", "--checkpoint", str(case / "checkpoint.pt"),
                             "--tp", "1", "--out", tmp, "--overwrite", *_golden_overrides(case)],
-                           cwd=REPO, check=True, capture_output=True)
+                           check=True, capture_output=True)
             inputs = load_file(str(case / "inputs.safetensors"))
             logits = {}
             for name in ("fp32", dtype):
@@ -142,35 +139,71 @@ def table(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# One colour per dtype; tp > 1 dashed with squares, the more-threads tp 1 reference with triangles.
+COLOURS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
+
+
 def figure(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]], path: Path) -> Path:
     """Latency and throughput against batch for each (dtype, tp), and the speed-up of tp > 1 over tp 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
     batches = sorted({r["batch_size"] for r in runs})
     base_threads = min(r["threads_per_rank"] for r in runs)
+    panels = 3 if scaling else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.4), dpi=110, squeeze=False)
+    latency, throughput = axes[0][0], axes[0][1]
 
     def order(key: tuple) -> tuple:  # by dtype; within it tp 1, tp 2, ..., then the more-threads reference
         dtype, tp, threads = key
-        return list(PALETTE).index(dtype) if dtype in PALETTE else 9, threads > base_threads, tp
+        return list(COLOURS).index(dtype) if dtype in COLOURS else 9, threads > base_threads, tp
 
-    latency, throughput = [], []
     for dtype, tp, threads in sorted({(r["dtype"], r["tp"], r["threads_per_rank"]) for r in runs}, key=order):
-        mine = [r for r in runs if (r["dtype"], r["tp"], r["threads_per_rank"]) == (dtype, tp, threads)]
-        marker = "square" if tp > 1 else "triangle" if threads > base_threads else "circle"
-        style = dict(colour=PALETTE.get(dtype, (90, 90, 90)), dashed=tp > 1, marker=marker)
-        label = f"{dtype}, tp {tp} x {threads} thread{'s' if threads > 1 else ''}"
-        latency.append(Series(label, points=[(r["batch_size"], r["latency_ms"]["p50"] / 1e3) for r in mine], **style))
-        throughput.append(Series(label, points=[(r["batch_size"], r["samples_per_s"]) for r in mine], **style))
-    gains = []
-    for dtype, tp in sorted({(s["dtype"], s["tp"]) for s in scaling}):
-        mine = [s for s in scaling if (s["dtype"], s["tp"]) == (dtype, tp)]
-        gains.append(Series(f"{dtype}, tp {tp} x {mine[0]['threads_per_rank']} thread", PALETTE.get(dtype, (90,) * 3),
-                            [(s["batch_size"], s["speedup_p50"]) for s in mine], dashed=True, marker="square"))
-    panels = [Panel("Latency per batch (p50)", "batch size", "seconds", latency, batches),
-              Panel("Throughput", "batch size", "samples / s", throughput, batches)]
-    if gains:
-        panels.append(Panel("Speed-up of tp 2 over tp 1", "batch size", "x faster (dashed: ideal)", gains, batches,
-                            reference_y=float(max(s["tp"] for s in scaling))))
+        mine = sorted((r for r in runs if (r["dtype"], r["tp"], r["threads_per_rank"]) == (dtype, tp, threads)),
+                      key=lambda r: r["batch_size"])
+        style = dict(color=COLOURS.get(dtype, "tab:gray"), linestyle="--" if tp > 1 else "-",
+                     marker="s" if tp > 1 else "^" if threads > base_threads else "o",
+                     label=f"{dtype}, tp {tp} x {threads} thread{'s' if threads > 1 else ''}")
+        x = [r["batch_size"] for r in mine]
+        latency.plot(x, [r["latency_ms"]["p50"] / 1e3 for r in mine], **style)
+        throughput.plot(x, [r["samples_per_s"] for r in mine], **style)
+    _axes(latency, "Latency per batch (p50)", "seconds", batches)
+    _axes(throughput, "Throughput", "samples / s", batches)
+    if scaling:
+        gains = axes[0][2]
+        for dtype, tp in sorted({(s["dtype"], s["tp"]) for s in scaling}):
+            mine = sorted((s for s in scaling if (s["dtype"], s["tp"]) == (dtype, tp)), key=lambda s: s["batch_size"])
+            gains.plot([s["batch_size"] for s in mine], [s["speedup_p50"] for s in mine], linestyle="--", marker="s",
+                       color=COLOURS.get(dtype, "tab:gray"),
+                       label=f"{dtype}, tp {tp} x {mine[0]['threads_per_rank']} thread")
+        ideal = max(s["tp"] for s in scaling)
+        gains.axhline(ideal, color="gray", linestyle=":", label="ideal")
+        _axes(gains, "Speed-up of tp 2 over tp 1", "x faster", batches)
+        gains.set_ylim(0, 1.1 * max([ideal] + [s["speedup_p50"] for s in scaling]))
+        gains.legend(fontsize=8)
+    handles, labels = latency.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     device = runs[0]["device"].split(" (")[0]
-    return draw_figure(panels, path, f"VLMo-base 480 VQA forward, {device}: tensor-parallel scaling")
+    fig.suptitle(f"VLMo-base 480 VQA forward, {device}: tensor-parallel scaling", y=0.02, va="bottom", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.92))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _axes(ax: Any, title: str, y_label: str, batches: Sequence[int]) -> None:
+    """Batch sizes on a log-2 x axis, labelled as they are; y from 0."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(y_label)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, color="0.9")
 
 
 @click.command()
@@ -185,14 +218,15 @@ def figure(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]], path: Path
               help="Also run tp 1 with this many threads (e.g. all cores: one process on the cores tp 2 uses).")
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Run every configuration this many times and keep the fastest (p50): for a shared machine.")
+@click.option("--golden", type=click.Path(path_type=Path), default=Path("../shared/golden"), show_default=True,
+              help="Golden VQA cases to check bf16's answers against fp32's on (skipped when absent).")
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--iters", type=int, default=3, show_default=True)
 def main(out_dir: Path, cache: Path, tps: str, batches: str, dtypes: str, threads: Optional[int],
-         reference_threads: Optional[int], repeats: int, warmup: int, iters: int) -> None:
+         reference_threads: Optional[int], repeats: int, golden: Path, warmup: int, iters: int) -> None:
     """Run the scaling study and write OUT/report.json, OUT/scaling.png and OUT/runs/*.json (the last run of each)."""
     tp_list, batch_list, dtype_list = [int(t) for t in tps.split()], [int(b) for b in batches.split()], dtypes.split()
     threads = threads or max(1, (os.cpu_count() or 1) // max(tp_list))
-    out_dir, cache = out_dir.resolve(), cache.resolve()  # the runs work in the repository root
     configs = [(tp, threads) for tp in tp_list]
     if reference_threads and (1, reference_threads) not in configs:
         configs.append((1, reference_threads))
@@ -209,15 +243,15 @@ def main(out_dir: Path, cache: Path, tps: str, batches: str, dtypes: str, thread
                         best[(tp, thr)] = run
             runs += [best[config] for config in configs]
     scaling = speedups(runs)
-    golden = {d: golden_vqa_agreement(dtype=d) for d in dtype_list if d != "fp32"} if GOLDEN.is_dir() else {}
-    report = {"runs": runs, "scaling": scaling, "golden_vs_fp32": golden,
+    agreement = {d: golden_vqa_agreement(golden, d) for d in dtype_list if d != "fp32"} if golden.is_dir() else {}
+    report = {"runs": runs, "scaling": scaling, "golden_vs_fp32": agreement,
               "settings": {"tps": tp_list, "batches": batch_list, "dtypes": dtype_list, "threads_per_rank": threads,
                            "reference_threads": reference_threads, "repeats": repeats, "warmup": warmup,
                            "iters": iters}}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out_dir / "report.json", report, indent=1)
     figure(runs, scaling, out_dir / "scaling.png")
     click.echo(table(runs, scaling))
-    for dtype, cases in golden.items():
+    for dtype, cases in agreement.items():
         for name, g in cases.items():
             click.echo(f"{dtype} vs fp32 on golden {name}: top-1 {'equal' if g['top1_equal'] else 'DIFFERENT'} "
                        f"({g['questions']} questions), max |logit diff| {g['max_abs_logit_diff']:.3f} "

@@ -6,22 +6,21 @@
 * `build_synthetic_vqav2`: a small VQAv2 download in the official layout (COCO-named
   JPEGs of coloured shapes and the six official JSON files), ready for the arrow writer.
 
-Both write under a temporary name and rename at the end, so an existing output is
+Both write through engine.atomic (a temporary name renamed at the end), so an existing output is
 complete and is reused as is; the output path should therefore name its parameters.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
 import torch
 from PIL import Image, ImageDraw
 
+from ..atomic import atomic_directory, write_json, write_torch
 from ..runtime.config import ARCH_PRESETS, INIT_TEXT_LEN, MLP_RATIO, PATCH_SIZE
 
 PathLike = Union[str, os.PathLike]
@@ -200,14 +199,7 @@ def build_random_checkpoint(
         "state_dict": state_dict,
         "hyper_parameters": {"config": config},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_torch(path, checkpoint)
     return path
 
 
@@ -275,10 +267,7 @@ def build_synthetic_vqav2(
     for split, n in counts.items():
         split_ids[split], ids = sorted(ids[:n]), ids[n:]
 
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_directory(root) as tmp:
         questions: Dict[str, List[Dict[str, Any]]] = {}
         annotations: Dict[str, List[Dict[str, Any]]] = {}
         for split, image_ids in split_ids.items():
@@ -306,17 +295,13 @@ def build_synthetic_vqav2(
         questions["test-dev2015"] = [q for q in questions["test2015"] if q["image_id"] in test_dev_images]
 
         for subset, name in QUESTION_FILES.items():
-            _write_json(tmp / name, {
+            write_json(tmp / name, {
                 **_header(subset),
                 "task_type": "Open-Ended",
                 "questions": questions[subset],
             })
         for subset, name in ANNOTATION_FILES.items():
-            _write_json(tmp / name, {**_header(subset), "annotations": annotations[subset]})
-        os.rename(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            write_json(tmp / name, {**_header(subset), "annotations": annotations[subset]})
     return root
 
 
@@ -335,11 +320,6 @@ def _header(subset: str) -> Dict[str, Any]:
         "data_type": "mscoco",
         "data_subtype": subset,
     }
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh)
 
 
 def _random_scene(rng: random.Random) -> Scene:
