@@ -4,9 +4,11 @@ Inputs have the model's shape (a VQA checkpoint: one question + one S×S image p
 sample; NLVR2: two images; retrieval: a text-only and an image-only pass) and
 realistic question lengths. Each iteration is the task's forward on the device,
 synchronised before and after, with all ranks started together; an iteration's
-latency is the slowest rank's. The dense-matmul peak is measured here too, on
-every rank at once, in the same dtype and threads, so that "fraction of peak"
-compares like with like. Rank 0 prints a summary and writes the JSON.
+latency is the slowest rank's. The peak is measured here too, on every rank at
+once, in the same dtype and threads: the best torch.mm rate over the GEMM shapes
+this forward itself runs, so that "fraction of peak" says how close the model
+comes to what the machine's GEMMs reach on its own work. Rank 0 prints a summary
+and writes the JSON.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import platform
 import resource
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 import torch
@@ -23,15 +25,14 @@ from .atomic import write_json
 from .forward import TASK_INPUTS, pick_task, run_task
 from .runtime.config import VLMoConfig
 from .runtime.distributed import ParallelContext, barrier, gather_objects, synchronize
+from .runtime.kernels import bf16_matmul_units, gemm_peak_gflops
 from .runtime.loading import DTYPES, load_model
-from .runtime.parallel import CommTimer
 from .runtime.shards import read_manifest
 from .tasks.cli import Engine, engine_options, one_line_errors, start_engine, writable
 from .tasks.metrics import percentiles_ms
 
 CLS, SEP = 101, 102  # bert-base-uncased [CLS], [SEP]
 QUESTION_TOKENS = (6, 17)  # VQAv2 questions are ~6-16 WordPiece tokens with [CLS] and [SEP]
-PEAK_SIZE = 2048
 
 
 def forward_gflop(cfg: VLMoConfig, task: str) -> float:
@@ -69,19 +70,34 @@ def synthetic_inputs(cfg: VLMoConfig, task: str, batch: int, device: torch.devic
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = PEAK_SIZE, reps: int = 10) -> float:
-    """Best dense-matmul throughput of this process (its threads, this dtype)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+def gemm_shapes(cfg: VLMoConfig, tp: int, task: str, batch: int) -> List[Tuple[int, int, int]]:
+    """(M, K, N) of every linear-layer GEMM one rank runs in the task's forward: qkv, proj, fc1, fc2 over the
+    token counts of its passes (joint: attention and VL experts on T + n rows, the other experts on T and n)."""
+    D, F = cfg.embed_dim, cfg.ffn_dim
+    T, n = cfg.max_text_len, cfg.num_image_tokens
+    attention_rows = (T + n,) if task in ("vqa", "nlvr2") else (T, n)
+    expert_rows = (T, n) + ((T + n,) if task in ("vqa", "nlvr2") and cfg.vlffn_start_layer_index < cfg.depth
+                            else ())
+    shapes = {(batch * m, D, 3 * D // tp) for m in attention_rows} | {(batch * m, D // tp, D) for m in attention_rows}
+    shapes |= {(batch * m, D, F // tp) for m in expert_rows} | {(batch * m, F // tp, D) for m in expert_rows}
+    return sorted(shapes)
+
+
+def peak_gflops(cfg: VLMoConfig, tp: int, task: str, batch: int, dtype: torch.dtype,
+                device: torch.device) -> float:
+    """The best torch.mm rate over the forward's own GEMM shapes (CPU); a square GEMM of that size elsewhere."""
+    shapes = gemm_shapes(cfg, tp, task, batch)
+    if device.type == "cpu":
+        return gemm_peak_gflops(shapes, dtype)
+    m, k, n = max(shapes, key=lambda s: s[0] * s[1] * s[2])
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
     torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        synchronize(device)
-        start = time.perf_counter()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
         torch.mm(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+    synchronize(device)
+    return 10 * 2 * m * k * n / (time.perf_counter() - start) / 1e9
 
 
 def device_name(device: torch.device) -> str:
@@ -89,7 +105,11 @@ def device_name(device: torch.device) -> str:
         flags = _cpu_flags()
         isa = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else "avx2" if \
             "avx2" in flags else platform.machine()
-        return f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads/rank, {isa})"
+        # What the kernels use can be less than the CPU has (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): say both.
+        aten = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
+        onednn_bf16 = "yes" if bf16_matmul_units() else "no"
+        return (f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads/rank, {isa}; ATen {aten}, "
+                f"oneDNN bf16 {onednn_bf16})")
     module = getattr(torch, device.type)
     return f"{device.type}: {module.get_device_name(device)}"
 
@@ -126,7 +146,8 @@ def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], war
     for _ in range(warmup):
         run_task(engine.model, task, inputs)
     seconds = []
-    comm_before, calls_before = CommTimer.total()
+    comm = engine.ctx.comm
+    comm_before, calls_before = (comm.seconds, comm.calls) if comm else (0.0, 0)
     for _ in range(iters):
         barrier(engine.ctx)  # start together: the slowest rank is the latency
         synchronize(engine.ctx.device)
@@ -134,7 +155,7 @@ def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], war
         run_task(engine.model, task, inputs)
         synchronize(engine.ctx.device)
         seconds.append(time.perf_counter() - start)
-    comm_after, calls_after = CommTimer.total()
+    comm_after, calls_after = (comm.seconds, comm.calls) if comm else (0.0, 0)
     return {"seconds": seconds, "comm_s": comm_after - comm_before, "comm_calls": calls_after - calls_before}
 
 
@@ -162,13 +183,14 @@ def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optio
 
     timed = time_forward(engine, task, inputs, warmup, iters)
     barrier(ctx)
-    peak = matmul_peak_gflops(DTYPES[dtype], ctx.device)
+    peak = peak_gflops(cfg, ctx.tp_size, task, batch_size, DTYPES[dtype], ctx.device)
     accuracy = compare_fp32(shard_dir, engine, task, inputs, run_task(model, task, inputs)) \
         if check_fp32 and dtype != "fp32" else None
     mine = {
         "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"], "peak": peak,
         "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes(model.parameters()),
         "position_bias": _module_bytes(model.cached_position_biases()),
+        "linear_kernels": model.linear_kernels,
     }
     ranks = gather_objects(ctx, mine)
     if not ctx.is_main:
@@ -197,6 +219,8 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig
         "achieved_gflop_per_s": gflop * samples_per_s,
         "peak_gflop_per_s": peak,
         "peak_gflop_per_s_per_rank": [r["peak"] for r in ranks],
+        "peak_gemm_shapes": [list(shape) for shape in gemm_shapes(cfg, ctx.tp_size, task, batch_size)],
+        "linear_kernels_per_rank": [r["linear_kernels"] for r in ranks],
         "fraction_of_peak": gflop * samples_per_s / peak,
         "weights_bytes_per_rank": [r["weights"] for r in ranks],
         "position_bias_bytes_per_rank": [r["position_bias"] for r in ranks],

@@ -39,10 +39,11 @@ def run_torchrun(nproc: int, module: str, args: Sequence[object], timeout: float
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_torchrun(nproc: int, module: str, args: Sequence[object]) -> subprocess.Popen:
-    """run_torchrun in the background, output discarded, in its own process group (os.killpg cleans up)."""
+def start_torchrun(nproc: int, module: str, args: Sequence[object], stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """run_torchrun in the background, stdout discarded, stderr where asked (discarded by default), in its own
+    process group (os.killpg cleans up)."""
     return subprocess.Popen(_torchrun(nproc, module, args), cwd=REPO, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def _free_port() -> int:

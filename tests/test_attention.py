@@ -13,19 +13,20 @@ def _reference(q, k, v, bias, key_mask, scale):
     return scores.softmax(-1) @ v.double()
 
 
-def _compacted(q, k, v, bias, key_mask, scale, shift):
+def _compacted(q, k, v, bias, key_mask, scale, shift, per_head_bmm):
     """What Attention.forward does: roll keys (and the stored bias) left by `shift`, keep each sample's keys."""
     keys = select_keys(key_mask, shift)
     k, v, bias = k.roll(-shift, 2), v.roll(-shift, 2), bias.roll(-shift, -1)
     if keys.per_sample is None:
-        return attend(q, k, v, bias, scale)
-    return torch.cat([attend(q[b:b + 1], k[b:b + 1, :, kept], v[b:b + 1, :, kept], bias[..., kept], scale)
-                      for b, kept in enumerate(keys.per_sample)])
+        return attend(q, k, v, bias, scale, per_head_bmm)
+    return torch.cat([attend(q[b:b + 1], k[b:b + 1, :, kept], v[b:b + 1, :, kept], bias[..., kept], scale,
+                             per_head_bmm) for b, kept in enumerate(keys.per_sample)])
 
 
+@pytest.mark.parametrize("per_head_bmm", [False, True])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("pattern", ["prefix", "holes", "none"])
-def test_left_out_keys_equal_masked_softmax(dtype, tolerance, pattern) -> None:
+def test_left_out_keys_equal_masked_softmax(dtype, tolerance, pattern, per_head_bmm) -> None:
     gen = torch.Generator().manual_seed(0)
     B, h, T, n, d = 3, 2, 6, 9, 8  # a joint pass: T text tokens (maskable), then n image tokens
     N = T + n
@@ -38,7 +39,8 @@ def test_left_out_keys_equal_masked_softmax(dtype, tolerance, pattern) -> None:
     elif pattern == "holes":  # any other pattern must still be right (a gather instead of a view)
         key_mask[0, 1] = key_mask[1, 3:5] = key_mask[2, 0] = 0
     want = _reference(q, k, v, bias, key_mask, d ** -0.5)
-    got = _compacted(*(t.to(dtype) for t in (q, k, v, bias)), key_mask, d ** -0.5, shift=T)
+    got = _compacted(*(t.to(dtype) for t in (q, k, v, bias)), key_mask, d ** -0.5, shift=T,
+                     per_head_bmm=per_head_bmm)
     assert got.dtype == dtype
     assert (got.double() - want).abs().max().item() < tolerance
 

@@ -29,7 +29,7 @@ class Squares(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_records_arrive_in_order_with_one_latency_sample_per_batch(workers: int) -> None:
-    ctx = ParallelContext(rank=0, world_size=1, local_rank=0, tp_size=1, device=torch.device("cpu"), backend=None)
+    ctx = ParallelContext(rank=0, world_size=1, tp_size=1, device=torch.device("cpu"), backend=None)
     received = []
 
     def compute(batch: dict) -> list:

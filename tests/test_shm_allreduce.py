@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engine.runtime.health import Health
 from engine.runtime.shm_allreduce import shared_memory_all_reduce
 
 WORLD = 3
@@ -17,7 +18,7 @@ WORLD = 3
 
 def _worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    fast = shared_memory_all_reduce(None, rank, WORLD, capacity_bytes=4096)
+    fast = shared_memory_all_reduce(None, rank, WORLD, Health(rank, WORLD, 60.0), capacity_bytes=4096)
     results = {}
     for step, dtype in enumerate([torch.float32, torch.bfloat16, torch.float32]):  # both slot sets, twice
         gen = torch.Generator().manual_seed(100 * step + rank)

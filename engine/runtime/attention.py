@@ -40,17 +40,21 @@ def select_keys(key_mask: Optional[torch.Tensor], shift: int = 0) -> KeySelectio
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-           scale: float) -> torch.Tensor:
-    """softmax(scale · q kᵀ + bias) v for q [B, h, N, d], k and v [B, h, M, d], bias broadcastable to [B, h, N, M]."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+           scale: float, per_head_bmm: bool = False) -> torch.Tensor:
+    """softmax(scale · q kᵀ + bias) v for q [B, h, N, d], k and v [B, h, M, d], bias broadcastable to [B, h, N, M].
+
+    per_head_bmm: per-head matmuls instead of the fused kernel (the loader picks it for bf16 on CPUs whose
+    oneDNN has bf16 matmuls, where it is the faster).
+    """
+    if per_head_bmm:
         return _attend_bmm(q, k, v, bias, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def _attend_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                 scale: float) -> torch.Tensor:
-    # On CPUs with bf16 matmul units, oneDNN's bf16 bmm + softmax, one head at a time so that its scores stay
-    # in L2, beat the flash kernel (VLMo-base 480 question: 0.75 vs 0.84 s); in fp32 the flash kernel wins.
+    # oneDNN's bf16 bmm + softmax, one head at a time so that its scores stay in L2, beat the fused flash
+    # kernel on CPUs with bf16 matmul units; in fp32, or without such units, the fused kernel wins.
     out = torch.empty_like(q)
     for j in range(q.shape[1]):
         kt = k[:, j].transpose(1, 2)

@@ -2,7 +2,9 @@
 
 The world (torchrun's WORLD_SIZE processes) splits into consecutive groups of
 tp ranks. Each group holds one copy of the model, cut tp ways; the groups
-share the data between them (data parallel).
+share the data between them (data parallel). The context owns every wait on
+the other ranks: the tensor-parallel all-reduce and the object collectives
+below all end within --timeout, naming the rank at fault (engine.runtime.health).
 """
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+
+from .collectives import TensorParallelComm
+from .health import Health
+from .shm_allreduce import shared_memory_all_reduce
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
@@ -25,14 +31,21 @@ class LaunchError(RuntimeError):
 class ParallelContext:
     rank: int
     world_size: int
-    local_rank: int
     tp_size: int
     device: torch.device
     backend: Optional[str]
+    timeout_s: float = 600.0
     tp_group: Optional[dist.ProcessGroup] = None
     # Python objects (results, resume state) travel over gloo: HCCL has no gather, and
     # pickles need no trip through the accelerator. None: the default group (already gloo).
     object_group: Optional[dist.ProcessGroup] = None
+    health: Optional[Health] = None  # made for the context when not given
+    # The tensor-parallel group's all-reduce; None when the model is not cut (tp 1).
+    comm: Optional[TensorParallelComm] = None
+
+    def __post_init__(self) -> None:
+        if self.health is None:
+            self.health = Health(self.rank, self.world_size, self.timeout_s)
 
     @property
     def tp_rank(self) -> int:
@@ -106,14 +119,26 @@ def init_parallel(device: str, tp_size: int, timeout_s: float = 600.0,
     device_type = resolve_device_type(device)
     if device_type == "cpu":
         torch.set_num_threads(threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    ctx = ParallelContext(rank=rank, world_size=world_size, local_rank=local_rank, tp_size=tp_size,
-                          device=_bind_device(device_type, local_rank),
-                          backend=BACKENDS[device_type] if world_size > 1 else None)
+    device_obj = _bind_device(device_type, local_rank)
+    backend = BACKENDS[device_type] if world_size > 1 else None
+    timeout = datetime.timedelta(seconds=timeout_s)
+    health = Health(rank, world_size, timeout_s)  # beats from now on where torchrun's store is there already
     if world_size > 1:
-        dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=timeout_s))
-        ctx.tp_group = _tp_group(ctx)
-        if ctx.backend != "gloo":
-            ctx.object_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        with health.guard("joining the process group"):
+            dist.init_process_group(backend, timeout=timeout)
+        if health.store is None:
+            health = Health(rank, world_size, timeout_s)  # in the process group's store
+    ctx = ParallelContext(rank=rank, world_size=world_size, tp_size=tp_size, device=device_obj, backend=backend,
+                          timeout_s=timeout_s, health=health)
+    if world_size > 1:
+        with ctx.health.guard("forming the process groups"):
+            ctx.tp_group = _tp_group(ctx)
+            if ctx.backend != "gloo":
+                ctx.object_group = dist.new_group(backend="gloo", timeout=timeout)
+    if tp_size > 1:
+        shared = (shared_memory_all_reduce(ctx.tp_group, ctx.tp_rank, tp_size, ctx.health)
+                  if device_type == "cpu" else None)
+        ctx.comm = TensorParallelComm(ctx.tp_group, tp_size, ctx.health, shared)
     return ctx
 
 
@@ -136,13 +161,15 @@ def synchronize(device: torch.device) -> None:
 
 def barrier(ctx: ParallelContext) -> None:
     if ctx.world_size > 1:
-        dist.barrier()
+        with ctx.health.guard("a barrier"):
+            dist.barrier(group=ctx.object_group)
 
 
 def shutdown() -> None:
     """Leave the process group together: a rank that tears down gloo while a peer still talks aborts it."""
     if dist.is_initialized():
-        dist.barrier()
+        with Health(dist.get_rank(), dist.get_world_size(), None, beat=False).guard("the final barrier"):
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -151,7 +178,8 @@ def gather_objects(ctx: ParallelContext, obj: object) -> List[object]:
     if ctx.world_size == 1:
         return [obj]
     gathered: List[object] = [None] * ctx.world_size if ctx.is_main else []
-    dist.gather_object(obj, gathered if ctx.is_main else None, dst=0, group=ctx.object_group)
+    with ctx.health.guard("gathering results"):
+        dist.gather_object(obj, gathered if ctx.is_main else None, dst=0, group=ctx.object_group)
     return gathered
 
 
@@ -160,5 +188,6 @@ def broadcast_object(ctx: ParallelContext, obj: object) -> object:
     if ctx.world_size == 1:
         return obj
     box = [obj if ctx.is_main else None]
-    dist.broadcast_object_list(box, src=0, group=ctx.object_group)
+    with ctx.health.guard("a broadcast from rank 0"):
+        dist.broadcast_object_list(box, src=0, group=ctx.object_group)
     return box[0]

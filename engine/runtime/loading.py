@@ -1,17 +1,17 @@
 """Build this rank's model from its own shard file."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
-from .shards import Manifest, load_rank_shard, read_manifest
-
 from .distributed import ParallelContext
+from .kernels import bf16_matmul_units
 from .model import VLMo
-from .parallel import FAST_ALL_REDUCE, pack_for_onednn
-from .shm_allreduce import shared_memory_all_reduce
+from .parallel import pack_where_faster
+from .shards import Manifest, load_rank_shard, read_manifest
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -21,18 +21,33 @@ def default_dtype(device: torch.device) -> str:
     return "fp32" if device.type == "cpu" else "fp16"
 
 
-def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Manifest = None) -> VLMo:
+def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Optional[Manifest] = None) -> VLMo:
     """This rank's VLMo, weights checked against the manifest, in `dtype` on ctx.device, ready for inference."""
     manifest = manifest or read_manifest(shard_dir)
     tensors = load_rank_shard(shard_dir, ctx.tp_rank, ctx.tp_size, manifest)
     with torch.device("meta"):
-        model = VLMo(manifest.config, ctx.tp_size, ctx.tp_group)
+        model = VLMo(manifest.config, ctx.comm)
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors  # the model holds them now: casting and packing below can free each original as they go
     model = model.to(device=ctx.device, dtype=torch.float32).fold_scales().set_compute_dtype(DTYPES[dtype]).eval()
-    pack_for_onednn(model)
-    if ctx.device.type == "cpu" and ctx.tp_size > 1 and ctx.tp_group not in FAST_ALL_REDUCE:
-        fast = shared_memory_all_reduce(ctx.tp_group, ctx.tp_rank, ctx.tp_size)
-        if fast is not None:
-            FAST_ALL_REDUCE[ctx.tp_group] = fast
+    if ctx.device.type == "cpu":
+        use_cpu_kernels(model, DTYPES[dtype], announce=ctx.is_main)
     return model
+
+
+def use_cpu_kernels(model: VLMo, dtype: torch.dtype, announce: bool = False) -> None:
+    """Pick this CPU's faster kernels: packed oneDNN or plain linears per GEMM shape, timed on one sample's
+    joint pass; bf16 attention as per-head matmuls where oneDNN has bf16 matmuls."""
+    cfg = model.cfg
+    choice = pack_where_faster(model, tokens=cfg.max_text_len + cfg.num_image_tokens)
+    model.linear_kernels = {f"{shape[0]}x{shape[1]}{' +bias' if bias else ''}{' +gelu' if gelu else ''}": kernel
+                            for (shape, bias, gelu), kernel in sorted(choice.items())}
+    if dtype == torch.bfloat16:
+        units = bf16_matmul_units()
+        for module in model.modules():
+            if hasattr(module, "per_head_bmm"):
+                module.per_head_bmm = units
+        if not units and announce:
+            print("note: oneDNN has no bf16 matmul on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; "
+                  "AVX512-BF16 or AMX to be fast): bf16 runs on torch's generic kernels, slower than fp32",
+                  file=sys.stderr)

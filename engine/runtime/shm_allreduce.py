@@ -11,6 +11,9 @@ Two slot sets alternate between calls: a rank can only start writing a set again
 after every peer has published the call in between, i.e. has finished reading.
 The publish-then-read protocol relies on x86-64's store ordering; elsewhere (and
 with VLMO_TP_SHM=0, or across hosts) the engine keeps gloo.
+
+A wait ends after the job's --timeout with the ranks that never published, or
+sooner when a peer has left an error (engine.runtime.health).
 """
 from __future__ import annotations
 
@@ -19,22 +22,26 @@ import platform
 import socket
 import time
 import uuid
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
+from .health import Health, PeerFailure, failed_line, silent_line
+
 SHM_DIR = "/dev/shm"
 FLAG_STRIDE = 8  # int64s: one 64-byte cache line per rank's flag
 SPIN_S, NAP_S = 1e-3, 1e-4  # wait for peers spinning for 1 ms, then in 0.1 ms naps
+CHECK_S = 1.0  # while napping, look for a failed peer this often
 
 
 class SharedMemoryAllReduce:
     """Sum a contiguous CPU tensor in place over the group's ranks; False when it does not fit the buffer."""
 
     def __init__(self, group: Optional[dist.ProcessGroup], rank: int, size: int, capacity_bytes: int,
-                 timeout_s: float) -> None:
-        self.rank, self.size, self.capacity, self.timeout_s = rank, size, capacity_bytes, timeout_s
+                 health: Health) -> None:
+        self.rank, self.size, self.capacity, self.health = rank, size, capacity_bytes, health
+        self.group = group
         self.seq = 0
         header = size * FLAG_STRIDE * 8
         total = header + 2 * size * capacity_bytes
@@ -68,28 +75,39 @@ class SharedMemoryAllReduce:
 
     def _wait_for_peers(self) -> None:
         start = time.monotonic()
+        checked = start
         while int(self.flags.min()) < self.seq:
-            waited = time.monotonic() - start
-            if waited < SPIN_S:
+            now = time.monotonic()
+            if now - start < SPIN_S:
                 os.sched_yield()  # peers usually arrive within a millisecond: spin, but let a core-mate run
-            elif waited < self.timeout_s:
-                time.sleep(NAP_S)  # a peer is descheduled or busy: stop burning the core it may need
-            else:
-                raise RuntimeError(f"tensor-parallel peers did not reach all-reduce #{self.seq} within "
-                                   f"{self.timeout_s:.0f} s")
+                continue
+            if now - start > self.health.timeout_s:
+                raise PeerFailure(silent_line(self._missing(), "shared-memory all-reduce", self.health.timeout_s))
+            if now - checked > CHECK_S:
+                checked = now
+                failed = self.health.failed_peer()
+                if failed is not None:
+                    raise PeerFailure(failed_line(failed))
+            time.sleep(NAP_S)  # a peer is descheduled or busy: stop burning the core it may need
+
+    def _missing(self) -> List[int]:
+        """Global ranks of the peers that have not published this call."""
+        late = (self.flags < self.seq).nonzero().flatten().tolist()
+        return [_global_rank(self.group, r) for r in late]
 
 
 def _global_rank(group: Optional[dist.ProcessGroup], group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
-def shared_memory_all_reduce(group: Optional[dist.ProcessGroup], rank: int, size: int,
-                             capacity_bytes: int = 64 << 20,
-                             timeout_s: float = 600.0) -> Optional[SharedMemoryAllReduce]:
+def shared_memory_all_reduce(group: Optional[dist.ProcessGroup], rank: int, size: int, health: Health,
+                             capacity_bytes: int = 64 << 20) -> Optional[SharedMemoryAllReduce]:
     """The group's shared-memory all-reduce, or None where gloo must stay (collective: every rank calls it)."""
-    hosts = [None] * size
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    usable = (os.environ.get("VLMO_TP_SHM", "1") != "0" and platform.machine().lower() in ("x86_64", "amd64")
-              and os.path.isdir(SHM_DIR) and len(set(hosts)) == 1)
-    # every rank sees the same hosts; the other conditions are per machine and the hosts are one machine
-    return SharedMemoryAllReduce(group, rank, size, capacity_bytes, timeout_s) if usable else None
+    hosts: List[Optional[str]] = [None] * size
+    with health.guard("setting up the shared-memory all-reduce"):
+        dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        usable = (os.environ.get("VLMO_TP_SHM", "1") != "0"
+                  and platform.machine().lower() in ("x86_64", "amd64")
+                  and os.path.isdir(SHM_DIR) and len(set(hosts)) == 1)
+        # every rank sees the same hosts; the other conditions are per machine and the hosts are one machine
+        return SharedMemoryAllReduce(group, rank, size, capacity_bytes, health) if usable else None

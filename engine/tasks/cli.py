@@ -19,6 +19,7 @@ from ..options import option_group
 from ..runtime.config import VLMoConfig
 from ..runtime.distributed import LaunchError, ParallelContext, init_parallel, shutdown
 from ..runtime.errors import ShardingError
+from ..runtime.health import PeerFailure, leave
 from ..runtime.loading import DTYPES, default_dtype, load_model
 from ..runtime.model import VLMo
 from ..runtime.shards import Manifest, read_manifest
@@ -123,8 +124,9 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
                 result = main(*args, **kwargs)
         except (ShardingError, LaunchError, UsageError, DataError, ModelOutputError) as exc:
             # No orderly shutdown: peers may be inside a collective; torchrun stops them on our exit.
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            leave(f"error: {exc}", failed=True)
+        except PeerFailure as exc:
+            leave(str(exc), failed=False)
         if not dist.is_initialized():
             return result
         shutdown()

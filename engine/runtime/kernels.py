@@ -1,0 +1,103 @@
+"""Which CPU kernel runs each linear layer, chosen by trying and timing on this machine at load.
+
+oneDNN can hold a weight pre-packed for its own GEMM and fuse the bias and GELU into it; that wins on
+some CPUs and shapes and loses on others (AVX2 hosts, narrow shards), and oneDNN has no bf16 GEMM at
+all on CPUs without AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT. So rather than guess from the ISA, the loader
+asks oneDNN whether it can pack this dtype here, then times both kernels on each of the model's GEMM
+shapes and packs only the shapes where the packed kernel is faster. `ONEDNN_MAX_CPU_ISA=AVX2` makes an
+AVX-512 machine behave as an AVX2 one for oneDNN (tests use it to take the path of CPUs without bf16).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable, Dict, Iterable, Tuple
+
+import torch
+import torch.nn.functional as F
+
+ONEDNN, ATEN = "onednn", "aten"
+REPEATS = 3
+# The plain kernel must beat the packed one by this fraction to be chosen: timings on a busy machine jitter,
+# and packing also fuses the bias and GELU, which a single GEMM's timing undercounts.
+PLAIN_MARGIN = 0.1
+# Keys: the weight shape, whether the layer has a bias, whether GELU follows.
+LinearKey = Tuple[Tuple[int, int], bool, bool]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, gelu: bool = False) -> torch.Tensor:
+    """x Wᵀ + b, then exact GELU if asked: one fused oneDNN call for a packed weight, else F.linear."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+    out = F.linear(x, weight, bias)
+    return F.gelu(out) if gelu else out
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """The weight re-laid out for oneDNN's linear (a CPU tensor that no longer moves or changes dtype)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether this torch and CPU run oneDNN's packed linear in `dtype` (tried on a tiny weight)."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight")):
+        return False
+    try:
+        linear(torch.ones(2, 16, dtype=dtype), pack(torch.ones(8, 16, dtype=dtype)), gelu=True)
+    except RuntimeError:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw, ..."
+        return False
+    return True
+
+
+def bf16_matmul_units() -> bool:
+    """Whether bf16 matmuls here go through oneDNN's bf16 kernels rather than torch's generic fallback."""
+    return onednn_packs(torch.bfloat16)
+
+
+def best_seconds(run: Callable[[], object], repeats: int = REPEATS) -> float:
+    """Fastest of `repeats` timed calls after one untimed (the first call may allocate or pack)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def time_linear(tokens: int, weight: torch.Tensor, bias: bool, gelu: bool) -> Dict[str, float]:
+    """Seconds of one `tokens`-row call of each kernel that runs here, for this weight."""
+    x = torch.randn(tokens, weight.shape[1]).to(weight.dtype)
+    b = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias else None
+    times = {ATEN: best_seconds(lambda: linear(x, weight, b, gelu))}
+    if onednn_packs(weight.dtype):
+        packed = pack(weight)
+        times[ONEDNN] = best_seconds(lambda: linear(x, packed, b, gelu))
+    return times
+
+
+def choose_kernels(layers: Iterable[Tuple[LinearKey, torch.Tensor]], tokens: int) -> Dict[LinearKey, str]:
+    """The faster kernel for each distinct (shape, bias, gelu), timed at `tokens` rows on one of its weights."""
+    choice: Dict[LinearKey, str] = {}
+    for key, weight in layers:
+        if key not in choice:
+            times = time_linear(tokens, weight, key[1], key[2])
+            packed_wins = ONEDNN in times and times[ONEDNN] * (1 - PLAIN_MARGIN) <= times[ATEN]
+            choice[key] = ONEDNN if packed_wins else ATEN
+    return choice
+
+
+def gemm_peak_gflops(shapes: Iterable[Tuple[int, int, int]], dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best torch.mm rate over (M, K, N) GEMMs in `dtype` on this process's threads, weights [N, K] as the
+    model keeps them (x Wᵀ) or [K, N], whichever is faster."""
+    best = 0.0
+    for m, k, n in shapes:
+        x = torch.randn(m, k).to(dtype)
+        w = torch.randn(n, k).to(dtype)
+        for rhs in (w.t(), w.t().contiguous()):
+            best = max(best, 2 * m * k * n / best_seconds(lambda: torch.mm(x, rhs), repeats) / 1e9)
+    return best

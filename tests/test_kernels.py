@@ -1,0 +1,58 @@
+"""CPU kernels chosen per GEMM shape by timing them (engine.runtime.kernels), and the GEMM shapes that
+engine.bench's peak is measured on."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine.bench import gemm_shapes
+from engine.runtime import kernels
+from engine.runtime.config import ARCH_PRESETS, VLMoConfig
+from engine.runtime.parallel import ColumnParallelLinear, RowParallelLinear, pack_where_faster
+
+
+def _layers() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"fc1": ColumnParallelLinear(16, 32, gelu=True), "fc2": RowParallelLinear(32, 16, None),
+                           "qkv": ColumnParallelLinear(16, 48)})
+    for p in model.parameters():
+        p.data = torch.randn(p.shape) * 0.3
+    return model
+
+
+@pytest.mark.skipif(not kernels.onednn_packs(torch.float32), reason="this torch has no oneDNN packed linear")
+def test_packs_exactly_the_shapes_where_onednn_measures_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    onednn_wins = {(32, 16)}  # fc1's shape only
+    monkeypatch.setattr(kernels, "time_linear", lambda tokens, weight, bias, gelu: {
+        kernels.ATEN: 1.0, kernels.ONEDNN: 0.5 if tuple(weight.shape) in onednn_wins else 2.0})
+    model = _layers()
+    x = torch.randn(5, 16)
+    want = {"fc1": model["fc1"](x), "qkv": model["qkv"](x), "fc2": model["fc2"](torch.randn(5, 32))}
+    choice = pack_where_faster(model, tokens=7)
+    assert choice == {((32, 16), True, True): "onednn", ((16, 32), False, False): "aten",
+                      ((48, 16), True, False): "aten"}
+    assert [name for name, m in model.items() if m.weight.is_mkldnn] == ["fc1"]
+    torch.testing.assert_close(model["fc1"](x), want["fc1"])  # bias and GELU fused, same result
+    torch.testing.assert_close(model["qkv"](x), want["qkv"])
+
+
+def test_unpackable_dtype_is_timed_with_the_plain_kernel_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "onednn_packs", lambda dtype: False)  # as oneDNN without bf16 on AVX2
+    times = kernels.time_linear(4, torch.randn(8, 16).bfloat16(), bias=True, gelu=True)
+    assert set(times) == {kernels.ATEN}
+    model = _layers().to(torch.bfloat16)
+    pack_where_faster(model, tokens=4)
+    assert not any(m.weight.is_mkldnn for m in model.values())
+
+
+def test_gemm_shapes_of_vlmo_base_480_vqa_at_tp2() -> None:
+    cfg = VLMoConfig(image_size=480, vqa_labels=3129, **ARCH_PRESETS["vlmo_base_patch16"])
+    joint, text, image = 40 + 901, 40, 901  # T + n, T, n = (480/16)² + 1
+    want = set()
+    for m in (joint,):  # attention runs on the joint sequence
+        want |= {(m, 768, 3 * 768 // 2), (m, 768 // 2, 768)}
+    for m in (joint, text, image):  # VL experts on the joint sequence (layers 10-11), text and image experts apart
+        want |= {(m, 768, 3072 // 2), (m, 3072 // 2, 768)}
+    assert set(gemm_shapes(cfg, 2, "vqa", 1)) == want
+    assert max(m for m, _, _ in gemm_shapes(cfg, 2, "vqa", 4)) == 4 * joint
