@@ -107,8 +107,8 @@ def test_nlvr2_equals_the_model_on_evaluation_preprocessing(tmp_path_factory) ->
     paths = sorted(RAW_VAL.iterdir())[:2]
     pair = [p.read_bytes() for p in paths]
     sentence = "The left image contains exactly two shapes."
-    model = load_model(shards, ParallelContext(rank=0, world_size=1, local_rank=0, tp_size=1,
-                                               device=torch.device("cpu"), backend=None), "fp32")
+    model = load_model(shards, ParallelContext(rank=0, world_size=1, tp_size=1, device=torch.device("cpu"),
+                                               backend=None), "fp32")
     size = model.cfg.image_size
     text = TextTokenizer(None, model.cfg.max_text_len)([sentence])
     with torch.inference_mode():
