@@ -23,18 +23,27 @@ DTYPES ?= fp32 bf16
 BENCH_ITERS ?= 3
 BENCH_ARGS ?=
 
-.PHONY: install test shard verify clean demo bench
+.PHONY: install test shard verify clean demo bench serve bench-serve
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[serve,test,bench]"
 	touch $@
 
 demo: install
 	$(PY) -m engine.demo $(DEMO_ARGS)
+
+# The demo's random VLMo-base 480 behind engine.serve at tp 2 on http://127.0.0.1:8000 (Ctrl-C stops it).
+serve: install
+	$(PY) -m engine.demo --serve $(DEMO_ARGS)
+
+# engine.serve under load: overhead vs engine.bench, dynamic batching vs batch 1, latency vs rate (bench/serve/).
+BENCH_SERVE_ARGS ?=
+bench-serve: install
+	$(PY) -m engine.tools.bench_serve $(BENCH_SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

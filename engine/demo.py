@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import click
 
@@ -40,21 +40,8 @@ def _cached(path: Path, what: str) -> bool:
     return False
 
 
-@click.command()
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/demo"),
-              show_default=True, help="Where the generated checkpoint, data, shards and results are kept.")
-@click.option("--model", type=click.Choice(["base", "tiny"]), default="base", show_default=True,
-              help="base: full-size VLMo-base, 480×480 images; tiny: a 64-wide 2-layer model (seconds).")
-@click.option("--images", type=click.IntRange(min=1), default=6, show_default=True,
-              help="val2014 images of the synthetic download (3 questions each).")
-@click.option("--tp", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Tensor-parallel degree: shards cut and processes launched.")
-@click.option("--device", type=click.Choice(["auto", "npu", "cuda", "cpu"]), default="cpu", show_default=True,
-              help="Passed to engine.vqa (npu/cuda need --tp chips on this machine).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
-def main(workdir: Path, model: str, images: int, tp: int, device: str, batch_size: int) -> None:
-    """Evaluate a random-weight VLMo on synthetic VQAv2 questions with tensor parallelism, end to end."""
-    started = time.perf_counter()
+def prepare_assets(workdir: Path, model: str, images: int, tp: int) -> Tuple[Path, Path]:
+    """The synthetic VQAv2 arrow folder and the random checkpoint's shards at `tp` (built once, then cached)."""
     python = sys.executable
     tiny = model == "tiny"
     image_size = 64 if tiny else 480
@@ -81,6 +68,35 @@ def main(workdir: Path, model: str, images: int, tp: int, device: str, batch_siz
     if not _cached(shards, "shards"):
         _run([python, "-m", "sharding", "--checkpoint", str(checkpoint), "--tp", str(tp), "--out", str(shards)],
              f"make shard CKPT={checkpoint} TP={tp} OUT={shards}")
+
+    return arrow, shards
+
+
+@click.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/demo"),
+              show_default=True, help="Where the generated checkpoint, data, shards and results are kept.")
+@click.option("--model", type=click.Choice(["base", "tiny"]), default="base", show_default=True,
+              help="base: full-size VLMo-base, 480×480 images; tiny: a 64-wide 2-layer model (seconds).")
+@click.option("--images", type=click.IntRange(min=1), default=6, show_default=True,
+              help="val2014 images of the synthetic download (3 questions each).")
+@click.option("--tp", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Tensor-parallel degree: shards cut and processes launched.")
+@click.option("--device", type=click.Choice(["auto", "npu", "cuda", "cpu"]), default="cpu", show_default=True,
+              help="Passed to engine.vqa (npu/cuda need --tp chips on this machine).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--serve", is_flag=True, help="Instead of evaluating, serve the checkpoint over HTTP (engine.serve, "
+              "http://127.0.0.1:8000; what `make serve` runs).")
+def main(workdir: Path, model: str, images: int, tp: int, device: str, batch_size: int, serve: bool) -> None:
+    """Evaluate a random-weight VLMo on synthetic VQAv2 questions with tensor parallelism, end to end."""
+    started = time.perf_counter()
+    python = sys.executable
+    arrow, shards = prepare_assets(workdir, model, images, tp)
+    if serve:
+        args = ["-m", "engine.serve", "--shards", str(shards), "--answers", str(arrow / ANSWER_TABLE),
+                "--device", device]
+        _run([python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp), *args],
+             f"torchrun --standalone --nproc-per-node {tp} {shlex.join(args)}")
+        return
 
     results = workdir / "results" / f"vqav2_val_{model}_tp{tp}.jsonl"
     results.unlink(missing_ok=True)  # a fresh run each time, so the latency is measured again

@@ -1,0 +1,82 @@
+"""ASGI middleware of the server: the request-body bound and the request metrics; the error body."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Sequence
+
+from fastapi.responses import JSONResponse
+
+from .metrics import ServerMetrics
+from .preprocess import RequestError
+
+RETRY_AFTER = "1"  # seconds, on every 503
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """Every refusal's body: {"error": "..."}; a 503 also says when to retry."""
+    headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class _HttpOnly:
+    """Pass everything but HTTP requests straight through; subclasses handle the HTTP ones in `http`."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        return await self.http(scope, receive, send)
+
+    async def http(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        raise NotImplementedError
+
+
+class BodyLimit(_HttpOnly):
+    """413 for a body over --max-body-bytes: from Content-Length up front, or while a chunked body streams in."""
+
+    def __init__(self, app: Callable, limit: int) -> None:
+        super().__init__(app)
+        self.limit = limit
+
+    async def http(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        message = f"request body larger than --max-body-bytes {self.limit}"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await error_response(413, message)(scope, receive, send)
+        seen = 0
+
+        async def bounded() -> Dict[str, Any]:
+            nonlocal seen
+            received = await receive()
+            seen += len(received.get("body", b""))
+            if seen > self.limit:
+                raise RequestError(message, 413)
+            return received
+
+        await self.app(scope, bounded, send)
+
+
+class Counted(_HttpOnly):
+    """Requests by endpoint and status, and their latency (paths other than `endpoints` count as "other")."""
+
+    def __init__(self, app: Callable, metrics: ServerMetrics, endpoints: Sequence[str]) -> None:
+        super().__init__(app)
+        self.metrics, self.endpoints = metrics, set(endpoints)
+
+    async def http(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        began = time.perf_counter()
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        status = ["500"]
+
+        async def noted(message: Dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noted)
+        finally:
+            self.metrics.requests.labels(endpoint, status[0]).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - began)
