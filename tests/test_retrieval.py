@@ -13,7 +13,7 @@ from _datatools import read_arrow
 from _faults import overflowing_shards
 from _paths import GOLDEN, needs
 from _run import invoke_refused, run_torchrun, shard_here
-from engine.tasks.embeddings import Gallery, load_embeddings
+from engine.tasks.embeddings import load_embeddings
 from engine.tasks.metrics import RECALL_KS, retrieval_recall
 from engine.retrieval import main as retrieval_main
 

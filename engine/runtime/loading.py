@@ -35,6 +35,8 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str,
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors  # the model holds them now: casting and packing below can free each original as they go
     model = model.to(device=ctx.device, dtype=torch.float32).fold_scales().set_compute_dtype(DTYPES[dtype]).eval()
+    # "out x in [+bias] [+gelu]" -> the CPU kernel chosen for that linear shape (engine.bench reports it)
+    model.linear_kernels = {}
     if ctx.device.type == "cpu":
         use_cpu_kernels(model, DTYPES[dtype], announce=ctx.is_main)
     return model

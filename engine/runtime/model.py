@@ -206,8 +206,6 @@ class VLMo(nn.Module):
         if cfg.retrieval:
             self.itc_text_proj = ItcProjection(D)
             self.itc_image_proj = ItcProjection(D)
-        # "out x in [+bias] [+gelu]" -> the CPU kernel the loader chose for that linear shape (engine.bench reports it)
-        self.linear_kernels: Dict[str, str] = {}
         # (mode, dtype, device) -> [L, h, N, N] relative-position bias, built once on first use
         self._position_bias: Dict[tuple, torch.Tensor] = {}
 
