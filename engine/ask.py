@@ -17,6 +17,7 @@ from .serving.payloads import Preprocessor, nlvr2_response, top_k_of, vqa_respon
 from .serving.preprocess import Limits, RequestError, check_image_size
 from .serving.tasks import NLVR2, VQA, ServedModel, served_kinds
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
+from .tasks.tokenizers import make_tokenizer, tokenizer_option
 from .vqa import answer_table
 
 
@@ -37,11 +38,12 @@ def _read(path: Path, limits: Limits) -> bytes:
 @click.option("--top-k", default="5", show_default=True, help="Answers to list (VQA).")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
+@tokenizer_option
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as /v1/vqa (or /v1/nlvr2) returns it.")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          images: Tuple[Path, ...], question: str, answers_path: Optional[Path], top_k: str, vocab: Optional[Path],
-         as_json: bool) -> None:
+         tokenizer_path: Optional[Path], as_json: bool) -> None:
     """Answer one question about one image (or judge one sentence about two) with the checkpoint in SHARDS."""
     cfg = read_manifest(shard_dir).config
     kinds = served_kinds(cfg)
@@ -56,7 +58,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     if kind == VQA and answers is None:
         raise UsageError("--answers: required for a VQA checkpoint (its answer2label.txt)")
     limits = Limits(max_image_bytes=1 << 62, max_image_pixels=1 << 62)
-    preprocessor = Preprocessor(cfg, vocab, limits)
+    preprocessor = Preprocessor(cfg, make_tokenizer(cfg, tokenizer_path, vocab), limits)
     try:
         pixels = [preprocessor.image(_read(path, limits), str(path)) for path in images]
         prepared = preprocessor.vqa(pixels[0], question) if kind == VQA else preprocessor.nlvr2(*pixels, question)

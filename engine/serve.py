@@ -32,6 +32,7 @@ from .serving.preprocess import Limits
 from .serving.runner import Runner
 from .serving.tasks import VQA, ServedModel, served_kinds
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
+from .tasks.tokenizers import make_tokenizer, tokenizer_option
 from .vqa import answer_table
 
 STOP_GRACE_S = 10.0  # SIGTERM: a rank other than 0 leaves on its own if rank 0 has not stopped it by then
@@ -141,12 +142,13 @@ def _exit(code: int) -> None:
               "checkpoint's file name].")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
+@tokenizer_option
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          answers_path: Optional[Path], host: str, port: int, max_batch_size: int, max_wait_ms: float,
          max_queue: int, max_image_bytes: int, max_image_pixels: int, max_body_bytes: Optional[int],
          request_timeout_s: float, drain_timeout_s: float, preprocess_threads: int, model_id: Optional[str],
-         vocab: Optional[Path]) -> None:
+         vocab: Optional[Path], tokenizer_path: Optional[Path]) -> None:
     """Serve the sharded checkpoint in SHARDS over HTTP: VQA, OpenAI chat, embeddings, NLVR2, metrics, a web page."""
     manifest = read_manifest(shard_dir)
     check_launch(manifest, shard_dir)
@@ -160,10 +162,11 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
             raise UsageError("--answers: required for a VQA checkpoint (the answer2label.txt it was fine-tuned "
                              "with, written by `python -m engine.data vqav2`)")
         answers = answer_table(answers_path, cfg.vqa_labels)
+    tokenizer = make_tokenizer(cfg, tokenizer_path, vocab)  # every rank refuses a missing one, before loading
     if int(os.environ.get("RANK", "0")) != 0:
         follow(shard_dir, device, dtype, threads, timeout_s)
     limits = Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
-    preprocessor = Preprocessor(cfg, vocab, limits)
+    preprocessor = Preprocessor(cfg, tokenizer, limits)
     sock = listen(host, port)
 
     metrics = ServerMetrics()

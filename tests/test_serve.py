@@ -3,7 +3,6 @@ batching invariance, a client that disconnects, bad requests, truncation, metric
 and a rank that dies."""
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -20,43 +19,15 @@ from PIL import Image
 from _paths import GOLDEN, needs
 from _run import shard
 from _serve import Server, in_parallel
+from _vqa_requests import ANSWERS, RAW, ask_chat, ask_form, ask_json, b64, val_questions
 
-RAW = GOLDEN / "vqav2_raw"
-ANSWERS = GOLDEN / "vqav2_arrow_published" / "answer2label_recovered.txt"
 EXPECTED = GOLDEN / "vqa_e2e_expected.json"
 CHECKPOINT = GOLDEN / "tiny_relpos_vqa9" / "checkpoint.pt"
 LONG_QUESTION = ("does this image contain a really, really long question that keeps going and going well past "
                  "the forty token limit of the model's text encoder, on and on and on and on, longer than any real one?")
 
 pytestmark = [needs(CHECKPOINT), needs(EXPECTED), needs(RAW)]
-
-
-def val_questions() -> List[Dict[str, Any]]:
-    questions = json.loads((RAW / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]
-    for q in questions:
-        q["bytes"] = (RAW / "val2014" / f"COCO_val2014_{q['image_id']:012d}.jpg").read_bytes()
-    return questions
-
-
-QUESTIONS = val_questions() if RAW.exists() else []
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def ask_json(server: Server, q: Dict[str, Any], **extra: Any):
-    return server.post_json("/v1/vqa", {"image": b64(q["bytes"]), "question": q["question"], **extra})
-
-
-def ask_form(server: Server, q: Dict[str, Any]):
-    return server.post_form("/v1/vqa", {"question": q["question"], "top_k": "3"}, {"image": q["bytes"]})
-
-
-def ask_chat(server: Server, q: Dict[str, Any]):
-    return server.post_json("/v1/chat/completions", {"model": "any", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64(q["bytes"])}},
-        {"type": "text", "text": q["question"]}]}]})
+QUESTIONS = val_questions()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +55,8 @@ def test_health_is_503_while_loading_then_200_and_models_lists_the_checkpoint(se
     assert status == 200 and body["object"] == "list"
     (model,) = body["data"]
     assert model["object"] == "model" and model["id"] == "checkpoint"
-    assert (model["tasks"], model["tp"], model["dtype"], model["answers"]) == (["vqa"], 2, "fp32", 9)
+    assert (model["family"], model["tasks"], model["tp"], model["dtype"], model["answers"]) == ("vlmo", ["vqa"], 2,
+                                                                                          "fp32", 9)
 
 
 def test_golden_answers_over_json_multipart_and_chat_with_8_concurrent_clients(server: Server) -> None:

@@ -41,6 +41,10 @@ class SentencePieceTokenizer:
         pieces = self._sp.encode(text)[: self.max_len - 2]
         return [BOS] + [p + FAIRSEQ_OFFSET if p != self._sp.unk_id() else UNK for p in pieces] + [EOS]
 
+    def count(self, text: str) -> int:
+        """The text's length in tokens before truncation, <s> and </s> included."""
+        return len(self._sp.encode(text)) + 2
+
     def __call__(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
         ids = torch.full((len(texts), self.max_len), PAD, dtype=torch.int64)
         padding = torch.ones((len(texts), self.max_len), dtype=torch.int64)

@@ -32,6 +32,11 @@ class TextTokenizer:
         self._tokenizer = BertWordPieceTokenizer(str(path), lowercase=True)
         self._tokenizer.enable_truncation(max_length=max_len)
         self._tokenizer.enable_padding(length=max_len, pad_id=self._tokenizer.token_to_id("[PAD]"))
+        self._untruncated = BertWordPieceTokenizer(str(path), lowercase=True)
+
+    def count(self, text: str) -> int:
+        """The text's length in tokens before truncation, [CLS] and [SEP] included."""
+        return len(self._untruncated.encode(text).ids)
 
     def __call__(self, texts: Sequence[str]) -> dict:
         encodings = self._tokenizer.encode_batch(list(texts))

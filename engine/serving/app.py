@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..runtime.config import VLMoConfig
+from ..runtime.families import ModelConfig
 from .batcher import Batcher, Job, QueueFull, Result, Unavailable
 from .metrics import ServerMetrics
 from .middleware import RETRY_AFTER, BodyLimit, Counted, error_response
@@ -34,7 +34,7 @@ ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/vqa", "/v1/chat/comp
 
 @dataclass
 class ServerState:
-    cfg: VLMoConfig
+    cfg: ModelConfig
     model_id: str
     tp: int
     dtype: Optional[str]  # known once the model is loaded (the device's default unless --dtype)
@@ -115,7 +115,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def models() -> Dict[str, Any]:
         return {"object": "list", "data": [{
             "id": state.model_id, "object": "model", "created": state.created, "owned_by": "vlmo-tp",
-            "tasks": list(state.kinds), "tp": state.tp, "dtype": state.dtype,
+            "family": state.cfg.family, "tasks": list(state.kinds), "tp": state.tp, "dtype": state.dtype,
             "image_size": state.cfg.image_size, "max_text_len": state.cfg.max_text_len,
             "answers": len(state.answers) if state.answers else None}]}
 

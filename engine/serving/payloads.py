@@ -10,12 +10,12 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..runtime.config import VLMoConfig
+from ..runtime.families import ModelConfig
+from ..tasks.tokenizers import Tokenizer
 from .preprocess import Limits, RequestError, TextPreprocessor, image_bytes_from_text, image_tensor
 from .tasks import IMAGE_EMBEDDING, NLVR2, TEXT_EMBEDDING, VQA
 
@@ -64,8 +64,8 @@ def top_k_of(value: Any, labels: int) -> int:
 class Preprocessor:
     """Model inputs for each kind of job, made as evaluation makes them."""
 
-    def __init__(self, cfg: VLMoConfig, vocab: Optional[Path], limits: Limits) -> None:
-        self.text = TextPreprocessor(vocab, cfg.max_text_len)
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer, limits: Limits) -> None:
+        self.text = TextPreprocessor(tokenizer)
         self.image_size = cfg.image_size
         self.limits = limits
 

@@ -2,7 +2,8 @@
 
 Images arrive as raw bytes, base64 or `data:` URIs; they are bounded in bytes and in pixels (checked from the
 header, before anything is decoded) and then go through `decode_image` + `square_transform`, the functions the
-evaluation datasets use. Texts go through the same `TextTokenizer`; a text longer than the model's window is
+evaluation datasets use. Texts go through the checkpoint family's tokenizer, the one evaluation uses
+(engine.tasks.tokenizers: WordPiece for VLMo, SentencePiece for BEiT-3); a text longer than the model's window is
 truncated as in evaluation, and the caller is told by how much.
 """
 from __future__ import annotations
@@ -12,15 +13,12 @@ import binascii
 import io
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 from PIL import Image
-from tokenizers import BertWordPieceTokenizer
-
 from ..data.image import ImageDecodeError, decode_image, square_transform
-from ..data.text import TextTokenizer
+from ..tasks.tokenizers import Tokenizer
 
 _DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w=.+-]+)*);base64,", re.IGNORECASE)
 
@@ -95,7 +93,7 @@ def image_tensor(data: bytes, field: str, size: int, limits: Limits) -> torch.Te
 @dataclass(frozen=True)
 class TokenizedText:
     tensors: Dict[str, torch.Tensor]  # text_ids, text_masks: [max_len]
-    tokens: int  # before truncation, [CLS] and [SEP] included
+    tokens: int  # before truncation, the family's start and end tokens included
 
     @property
     def truncated(self) -> bool:
@@ -105,10 +103,9 @@ class TokenizedText:
 class TextPreprocessor:
     """Evaluation's tokenizer, plus the untruncated length (to tell the client what was cut)."""
 
-    def __init__(self, vocab: Optional[Path], max_len: int) -> None:
-        self.tokenizer = TextTokenizer(vocab, max_len)
-        self.max_len = max_len
-        self._counter = BertWordPieceTokenizer(str(self.tokenizer.vocab), lowercase=True)
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.max_len = tokenizer.max_len
 
     def __call__(self, text: object, field: str) -> TokenizedText:
         if not isinstance(text, str):
@@ -116,8 +113,9 @@ class TextPreprocessor:
         if not text.strip():
             raise RequestError(f"{field}: empty text")
         encoded = self.tokenizer([text])
-        return TokenizedText(tensors={k: v[0] for k, v in encoded.items()},
-                             tokens=len(self._counter.encode(text).ids))
+        # the model inputs evaluation's datasets give both families (BEiT-3 derives its padding mask from text_masks)
+        return TokenizedText(tensors={k: encoded[k][0] for k in ("text_ids", "text_masks")},
+                             tokens=self.tokenizer.count(text))
 
     def note(self, text: TokenizedText) -> Optional[str]:
         """What the response says about a truncated text, or None."""

@@ -10,8 +10,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..runtime.config import VLMoConfig
-from ..runtime.model import VLMo
+from ..runtime.families import ModelConfig
 
 VQA, NLVR2, TEXT_EMBEDDING, IMAGE_EMBEDDING = "vqa", "nlvr2", "text_embedding", "image_embedding"
 
@@ -23,7 +22,7 @@ INPUTS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def served_kinds(cfg: VLMoConfig) -> List[str]:
+def served_kinds(cfg: ModelConfig) -> List[str]:
     """The job kinds this checkpoint's heads can answer."""
     kinds = []
     if cfg.vqa_labels:
@@ -36,9 +35,10 @@ def served_kinds(cfg: VLMoConfig) -> List[str]:
 
 
 class ServedModel:
-    """VLMo's task heads behind `run(kind, batch) -> [B, ...] float32 on the CPU`."""
+    """The task heads behind `run(kind, batch) -> [B, ...] float32 on the CPU`; VLMo and BEiT-3 models share their
+    signatures (text_ids, text_masks, images), as evaluation calls them."""
 
-    def __init__(self, model: VLMo, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.model = model
         self.device = device
 
