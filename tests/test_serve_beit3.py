@@ -108,3 +108,29 @@ def test_engine_ask_answers_with_the_tokenizer_and_both_commands_refuse_a_beit3_
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     invoke_refused(serve_main, ["--shards", shards, "--answers", ANSWERS, "--device", "cpu"], "--tokenizer")
+
+
+@pytest.mark.parametrize("case", ["tiny_beit3_nlvr2", "tiny_beit3_retrieval"])
+def test_the_served_nlvr2_and_embedding_kinds_give_the_published_beit3_outputs(case: str, tmp_path: Path) -> None:
+    """The server's per-kind model call (text_masks, as evaluation passes them) on the golden inputs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from _beit3 import cut
+    from engine.runtime.distributed import ParallelContext
+    from engine.runtime.loading import load_model
+    from engine.serving.tasks import IMAGE_EMBEDDING, NLVR2, TEXT_EMBEDDING, ServedModel, served_kinds
+
+    cfg = cut(case, 1, tmp_path)
+    cpu = torch.device("cpu")
+    served = ServedModel(load_model(tmp_path, ParallelContext(rank=0, world_size=1, tp_size=1, device=cpu,
+                                                              backend=None), "fp32"), cpu)
+    inputs = load_file(str(BEIT3 / case / "inputs.safetensors"))
+    batch = {**inputs, "text_masks": 1 - inputs["padding_mask"]}  # BEiT-3's padding_mask is 1 on padding
+    expected = load_file(str(BEIT3 / case / "expected.safetensors"))
+    outputs = {NLVR2: "nlvr2_logits", TEXT_EMBEDDING: "text_feats", IMAGE_EMBEDDING: "image_feats"}
+    kinds = served_kinds(cfg)
+    assert kinds == ([NLVR2] if case.endswith("nlvr2") else [TEXT_EMBEDDING, IMAGE_EMBEDDING])
+    with torch.inference_mode():
+        for kind in kinds:
+            assert (served.run(kind, batch) - expected[outputs[kind]]).abs().max() <= 1e-4, kind
