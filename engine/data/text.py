@@ -6,6 +6,7 @@ cut to 40 tokens, then padded with [PAD] (id 0) and mask 0.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -32,7 +33,11 @@ class TextTokenizer:
         self._tokenizer = BertWordPieceTokenizer(str(path), lowercase=True)
         self._tokenizer.enable_truncation(max_length=max_len)
         self._tokenizer.enable_padding(length=max_len, pad_id=self._tokenizer.token_to_id("[PAD]"))
-        self._untruncated = BertWordPieceTokenizer(str(path), lowercase=True)
+
+    @cached_property
+    def _untruncated(self) -> BertWordPieceTokenizer:
+        # Only the server counts what truncation cut; evaluation never builds this second tokenizer.
+        return BertWordPieceTokenizer(str(self.vocab), lowercase=True)
 
     def count(self, text: str) -> int:
         """The text's length in tokens before truncation, [CLS] and [SEP] included."""
