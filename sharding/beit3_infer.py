@@ -15,7 +15,7 @@ import torch
 
 from engine.runtime.beit3_config import HEADS_BY_SIZE, POSITION_OFFSET, PREFIX, BEiT3Config
 
-from .infer import OVERRIDE_FLAGS, ConfigError
+from .infer import OVERRIDE_FLAGS, ConfigError, layer_count, weight_shape
 
 _LAYER = re.compile(re.escape(PREFIX) + r"encoder\.layers\.(\d+)\.")
 DEFAULT_TEXT_LEN = 64  # beit3's --num_max_bpe_tokens default
@@ -27,18 +27,11 @@ def is_beit3(sd: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple:
-    if key not in sd:
-        raise ConfigError(f"missing weight {key}: this does not look like a BEiT-3 checkpoint")
-    return tuple(sd[key].shape)
+    return weight_shape(sd, key, "BEiT-3")
 
 
 def _depth(sd: Mapping[str, torch.Tensor]) -> int:
-    layers = {int(m.group(1)) for k in sd if (m := _LAYER.match(k))}
-    if not layers:
-        raise ConfigError(f"no {PREFIX}encoder.layers.* weights: this does not look like a BEiT-3 checkpoint")
-    if layers != set(range(len(layers))):
-        raise ConfigError(f"encoder layers {sorted(set(range(max(layers) + 1)) - layers)} are missing")
-    return len(layers)
+    return layer_count(sd, _LAYER, f"{PREFIX}encoder.layers.*", "encoder layers", "BEiT-3")
 
 
 def _image_size(sd: Mapping[str, torch.Tensor], patch: int) -> int:

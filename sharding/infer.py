@@ -31,20 +31,30 @@ class ConfigError(ValueError):
     """The checkpoint does not say enough, or contradicts itself."""
 
 
-def _shape(sd: Mapping[str, torch.Tensor], key: str) -> Tuple[int, ...]:
+def weight_shape(sd: Mapping[str, torch.Tensor], key: str, family: str = "VLMo") -> Tuple[int, ...]:
     if key not in sd:
-        raise ConfigError(f"missing weight {key}: this does not look like a VLMo checkpoint")
+        raise ConfigError(f"missing weight {key}: this does not look like a {family} checkpoint")
     return tuple(sd[key].shape)
 
 
-def _depth(sd: Mapping[str, torch.Tensor]) -> int:
-    layers = {int(m.group(1)) for k in sd if (m := _BLOCK.match(k))}
+def layer_count(sd: Mapping[str, torch.Tensor], layer: "re.Pattern[str]", keys: str, noun: str,
+                family: str = "VLMo") -> int:
+    """How many layers `layer` (a regex capturing the index) numbers, refusing gaps."""
+    layers = {int(m.group(1)) for k in sd if (m := layer.match(k))}
     if not layers:
-        raise ConfigError("no transformer.blocks.* weights: this does not look like a VLMo checkpoint")
+        raise ConfigError(f"no {keys} weights: this does not look like a {family} checkpoint")
     if layers != set(range(len(layers))):
         missing = sorted(set(range(max(layers) + 1)) - layers)
-        raise ConfigError(f"transformer blocks {missing} are missing")
+        raise ConfigError(f"{noun} {missing} are missing")
     return len(layers)
+
+
+def _shape(sd: Mapping[str, torch.Tensor], key: str) -> Tuple[int, ...]:
+    return weight_shape(sd, key)
+
+
+def _depth(sd: Mapping[str, torch.Tensor]) -> int:
+    return layer_count(sd, _BLOCK, "transformer.blocks.*", "transformer blocks")
 
 
 def _num_heads(sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], embed_dim: int, depth: int) -> int:
