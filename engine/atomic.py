@@ -2,7 +2,8 @@
 
 Every writer of the engine, its tools and the sharding tool goes through here: the data goes to a hidden
 temporary name beside the target, is fsync'ed, and is renamed into place; on any failure the temporary is
-removed and the target is left as it was.
+removed and the target is left as it was. `writable_file` and `writable_folder` check an output path before any
+work, so that a command never does its work only to fail at the write.
 """
 from __future__ import annotations
 
@@ -15,6 +16,56 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written; the message names the option and the path."""
+
+
+def writable_file(path: PathLike, option: str) -> Path:
+    """`path` after checking that a file can be written there (atomically: a temporary beside it, then a rename).
+
+    Refused in one line: a folder, a read-only file, a path under a file, a folder that cannot be written.
+    """
+    target = Path(os.path.abspath(path))
+    if target.is_dir():
+        raise OutputPathError(f"{option} {path}: is a directory; name a file")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise OutputPathError(f"{option} {path}: the file is not writable")
+    _probe(_nearest_folder(target.parent, option, path), option, path)
+    return Path(path)
+
+
+def writable_folder(path: PathLike, option: str, replaced: bool = False) -> Path:
+    """`path` after checking that files can be written into it (created if missing); `replaced`: the folder is
+    written whole beside itself and renamed into place (`atomic_directory`), so its parent must be writable."""
+    target = Path(os.path.abspath(path))
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{option} {path}: is a file, not a folder")
+    if target.is_dir() and not replaced:
+        _probe(target, option, path)
+    else:
+        _probe(_nearest_folder(target.parent, option, path), option, path)
+    return Path(path)
+
+
+def _nearest_folder(folder: Path, option: str, path: PathLike) -> Path:
+    """The closest existing ancestor, which must be a folder (mkdir creates the rest)."""
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"{option} {path}: {folder} is a file, not a folder")
+    return folder
+
+
+def _probe(folder: Path, option: str, path: PathLike) -> None:
+    # Creating a file is the only sure test: permission bits miss ACLs, read-only mounts and root-less users.
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputPathError(f"{option} {path}: cannot write in {folder} ({exc.strerror})") from None
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from typing import List, Tuple
 import click
 
 from .data.vqav2 import ANSWER_TABLE, read_answer_table
+from .options import checked_folders
 from .tools.demo_assets import build_random_checkpoint, build_synthetic_vqav2
 
 # A 64-wide, 2-layer model at 64×64 pixels: the same pipeline in seconds (tests, a first look).
@@ -90,6 +91,7 @@ def main(workdir: Path, model: str, images: int, tp: int, device: str, batch_siz
     """Evaluate a random-weight VLMo on synthetic VQAv2 questions with tensor parallelism, end to end."""
     started = time.perf_counter()
     python = sys.executable
+    checked_folders(workdir=workdir)
     arrow, shards = prepare_assets(workdir, model, images, tp)
     if serve:
         args = ["-m", "engine.serve", "--shards", str(shards), "--answers", str(arrow / ANSWER_TABLE),

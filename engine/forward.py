@@ -21,8 +21,8 @@ from .runtime.config import VLMoConfig
 from .runtime.families import ModelConfig
 from .runtime.model import VLMo
 from .runtime.shards import read_manifest
-from .tasks.cli import (ModelOutputError, UsageError, engine_options, one_line_errors, require_head, start_engine,
-                        writable)
+from .tasks.cli import (ModelOutputError, UsageError, engine_options, one_line_errors, require_head, require_samples,
+                        start_engine, writable)
 from .tasks.frontend import non_finite_rows
 
 TASK_INPUTS = {
@@ -63,6 +63,7 @@ def read_inputs(path: Path, task: str, cfg: VLMoConfig) -> Dict[str, torch.Tenso
         raise UsageError(f"{path}: missing input tensors {missing} for task {task} (has {sorted(tensors)})")
     T, S = cfg.max_text_len, cfg.image_size
     batch = tensors["text_ids"].shape[0]
+    require_samples(path, batch)
     for name in names:
         tensor = tensors[name]
         expected = (batch, T) if name in TEXT_INPUTS else (batch, 3, S, S)

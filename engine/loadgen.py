@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from .atomic import write_json
+from .atomic import OutputPathError, writable_file, write_json
 from .data.arrow_io import read_split
 from .data.raw import DataError
 from .tasks.metrics import percentiles_ms
@@ -183,8 +183,8 @@ def parse_rate(value: str) -> float:
               help="Most requests in flight.")
 @click.option("--endpoint", type=click.Choice(["vqa", "chat"]), default="vqa", show_default=True,
               help="/v1/vqa (JSON, base64 image) or /v1/chat/completions (OpenAI, data URI).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the arrival times.")
-@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the arrival times.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds a request may take before it counts as an error.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report here.")
@@ -196,9 +196,11 @@ def main(url: str, arrow_dir: Optional[Path], split: str, image_dir: Optional[Pa
         raise click.UsageError("pass one of --data ARROW or --images DIR")
     arrivals = parse_rate(rate)
     try:
+        if json_path:
+            writable_file(json_path, "--json")  # before any request: a lost report would waste the whole run
         samples = (samples_from_arrow(arrow_dir, split) if arrow_dir is not None
                    else samples_from_images(image_dir, questions or DEFAULT_QUESTIONS))
-    except (DataError, OSError) as exc:
+    except (DataError, OSError, OutputPathError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     if not samples:

@@ -15,14 +15,15 @@ import click
 import torch
 
 from .atomic import write_json
+from .data.arrow_io import split_filename
 from .data.datasets import NLVR2Dataset
 from .tasks.tokenizers import make_tokenizer
 from .runtime.model import VLMo
 from .runtime.shards import read_manifest
 from .tasks.cli import engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.evaluation import Batch, Record
-from .tasks.frontend import (Step, image_errors, latency_rows, per_sample_step, print_table, results_options,
-                             run_info, run_resumable, run_title, task_options)
+from .tasks.frontend import (Step, image_errors, latency_rows, per_sample_step, print_table, results_identity,
+                             results_options, run_info, run_resumable, run_title, task_options)
 from .tasks.metrics import nlvr2_accuracy
 
 KEY = ("identifier", "question_index")
@@ -80,12 +81,15 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     summary_path = writable("--summary", summary_path or out_path.with_suffix(".summary.json"))
     cfg = read_manifest(shard_dir).config
     require_head(cfg, "nlvr2", shard_dir)
-    dataset = NLVR2Dataset(arrow_dir, split, make_tokenizer(cfg, tokenizer_path, vocab), cfg.image_size)
+    tokenizer = make_tokenizer(cfg, tokenizer_path, vocab)
+    dataset = NLVR2Dataset(arrow_dir, split, tokenizer, cfg.image_size)
+    keys = dataset.keys()
+    identity = results_identity("nlvr2", split, split_filename("nlvr2", split), keys, tokenizer=tokenizer.file)
 
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
-    done = run_resumable(engine, dataset, dataset.keys()[:limit], predictor(engine.model, engine.ctx.device),
+    done = run_resumable(engine, dataset, keys[:limit], predictor(engine.model, engine.ctx.device),
                          out_path=out_path, key=KEY, noun="sentences", batch_size=batch_size,
-                         num_workers=num_workers, label=f"nlvr2 {split}")
+                         num_workers=num_workers, label=f"nlvr2 {split}", identity=identity)
     if done is None:
         return
     records, stats = done

@@ -28,14 +28,16 @@ from .serving.batcher import Batcher
 from .serving.group import GroupChannel
 from .serving.metrics import ServerMetrics
 from .serving.payloads import Preprocessor
-from .serving.preprocess import Limits
+from .serving.preprocess import Limits, allow_pixels
 from .serving.runner import Runner
 from .serving.tasks import VQA, ServedModel, served_kinds
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .tasks.tokenizers import make_tokenizer, tokenizer_option
 from .vqa import answer_table
 
-STOP_GRACE_S = 10.0  # SIGTERM: a rank other than 0 leaves on its own if rank 0 has not stopped it by then
+# SIGTERM: after --drain-timeout, the time left for the batch in flight and the last answers; then rank 0 stops the
+# group. A rank other than 0 leaves on its own if rank 0 has not stopped it by twice that after the drain.
+SHUTDOWN_MARGIN_S = 2.0
 
 
 def launched_ranks() -> int:
@@ -70,7 +72,8 @@ def model_name(manifest: Manifest, shard_dir: Path) -> str:
     return Path(source).stem if source else shard_dir.resolve().name
 
 
-def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float) -> None:
+def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
+           grace_s: float) -> None:
     """Ranks other than 0: load, then run rank 0's steps until it says stop. Exits the process."""
     outcome = []
 
@@ -87,7 +90,7 @@ def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional
     # SIGTERM (torchrun forwards it to every rank) or Ctrl-C must not stop this rank before rank 0 has finished
     # the requests in flight: rank 0 stops it; it leaves by itself only if that does not happen in time.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: deadline.append(time.monotonic() + STOP_GRACE_S))
+        signal.signal(sig, lambda *_: deadline.append(time.monotonic() + grace_s))
     worker = threading.Thread(target=work, daemon=True, name="follower")
     worker.start()
     while worker.is_alive() and not (deadline and time.monotonic() > deadline[0]):
@@ -96,14 +99,18 @@ def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, plus: on SIGTERM/SIGINT the batcher stops waiting for batches to fill."""
+    """uvicorn, plus: on SIGTERM/SIGINT the runner drains the queue (`Runner.drain`)."""
 
     on_exit = staticmethod(lambda: None)
 
     def handle_exit(self, sig: int, frame: object) -> None:
         super().handle_exit(sig, frame)
         # not here, in the signal handler: the batcher's lock may be held by the interrupted main thread
-        threading.Thread(target=self.on_exit, daemon=True).start()
+        if not self.draining:
+            self.draining = True
+            threading.Thread(target=self.on_exit, daemon=True).start()
+
+    draining = False
 
 
 def _exit(code: int) -> None:
@@ -135,7 +142,8 @@ def _exit(code: int) -> None:
 @click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0.001), default=60.0,
               show_default=True, help="Seconds a request may wait for its answer before 503.")
 @click.option("--drain-timeout", "drain_timeout_s", type=click.FloatRange(min=0), default=8.0, show_default=True,
-              help="On SIGTERM, seconds to finish the requests in flight.")
+              help=f"On SIGTERM, seconds to answer the queued requests; those still queued then get 503, and the "
+                   f"server exits within {SHUTDOWN_MARGIN_S:g} s more.")
 @click.option("--preprocess-threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Threads decoding images and tokenising texts on rank 0.")
 @click.option("--model-name", "model_id", default=None, help="Model id in /v1/models and responses [default: the "
@@ -164,8 +172,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         answers = answer_table(answers_path, cfg.vqa_labels)
     tokenizer = make_tokenizer(cfg, tokenizer_path, vocab)  # every rank refuses a missing one, before loading
     if int(os.environ.get("RANK", "0")) != 0:
-        follow(shard_dir, device, dtype, threads, timeout_s)
+        follow(shard_dir, device, dtype, threads, timeout_s, drain_timeout_s + 2 * SHUTDOWN_MARGIN_S)
     limits = Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
+    allow_pixels(max_image_pixels)
     preprocessor = Preprocessor(cfg, tokenizer, limits)
     sock = listen(host, port)
 
@@ -187,8 +196,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         request_timeout_s=request_timeout_s, created=int(time.time()),
         max_body_bytes=max_body_bytes or 3 * max_image_bytes + (1 << 20))
     server = _Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False,
-                                    timeout_graceful_shutdown=drain_timeout_s, lifespan="off"))
-    server.on_exit = batcher.close
+                                    timeout_graceful_shutdown=drain_timeout_s + 0.75 * SHUTDOWN_MARGIN_S,
+                                    lifespan="off"))
+    server.on_exit = lambda: runner.drain(drain_timeout_s)
     bound = sock.getsockname()
     click.echo(f"listening on http://{bound[0]}:{bound[1]} (loading the model)", err=True)
 
@@ -211,7 +221,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     threading.Thread(target=runner.watch, daemon=True, name="watchdog").start()
     server.run(sockets=[sock])  # returns after SIGTERM/SIGINT (in-flight requests answered) or a fatal error
     batcher.close()
-    engine_thread.join(timeout=max(1.0, STOP_GRACE_S - drain_timeout_s))
+    engine_thread.join(timeout=0.25 * SHUTDOWN_MARGIN_S)
     _exit(1 if runner.failure or engine_thread.is_alive() else 0)
 
 

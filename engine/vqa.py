@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import torch
 
 from .atomic import write_json
-from .data.arrow_io import read_split
+from .data.arrow_io import read_split, split_filename
 from .data.datasets import VQADataset
 from .data.raw import DataError
 from .data.vqav2 import ANSWER_TABLE, read_answer_table
@@ -25,7 +25,7 @@ from .runtime.shards import read_manifest
 from .tasks.cli import UsageError, engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.evaluation import Batch, Record
 from .tasks.frontend import (Row, Step, image_errors, latency_rows, per_sample_step, print_table, results_options,
-                             run_info, run_resumable, run_title, task_options)
+                             results_identity, run_info, run_resumable, run_title, task_options)
 from .tasks.tokenizers import make_tokenizer
 from .tasks.metrics import hit_rate, question_vqa_score, vqa_score
 from .tasks.vqa_accuracy import accuracy_by_type, question_accuracy
@@ -172,19 +172,24 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     out_path = writable("--out", out_path or Path("results") / f"vqav2_{split}.jsonl")
     summary_path = writable("--summary", summary_path or out_path.with_suffix(".summary.json"))
     scored = split not in TEST_SPLITS
-    if not scored:
+    if not scored or submission_path:
         submission_path = writable("--submission", submission_path or out_path.with_suffix(".submission.json"))
     cfg = read_manifest(shard_dir).config
     require_head(cfg, "vqa", shard_dir)
-    answers = answer_table(answers_path or arrow_dir / ANSWER_TABLE, cfg.vqa_labels)
-    dataset = VQADataset(arrow_dir, split, make_tokenizer(cfg, tokenizer_path, vocab), cfg.image_size)
-    question_ids = dataset.question_ids()[:limit]
+    answers_path = answers_path or arrow_dir / ANSWER_TABLE
+    answers = answer_table(answers_path, cfg.vqa_labels)
+    tokenizer = make_tokenizer(cfg, tokenizer_path, vocab)
+    dataset = VQADataset(arrow_dir, split, tokenizer, cfg.image_size)
+    every_question = dataset.question_ids()
+    identity = results_identity("vqa", split, split_filename("vqav2", split), every_question, answers=answers_path,
+                                tokenizer=tokenizer.file)
+    question_ids = every_question[:limit]
     submission_ids = [] if scored else submission_question_ids(dataset, arrow_dir, split)
 
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
     done = run_resumable(engine, dataset, question_ids, answerer(engine.model, engine.ctx.device, answers, scored),
                          out_path=out_path, key="question_id", noun="questions", batch_size=batch_size,
-                         num_workers=num_workers, label=f"vqav2 {split}")
+                         num_workers=num_workers, label=f"vqav2 {split}", identity=identity)
     if done is None:
         return
     records, stats = done

@@ -6,12 +6,13 @@ from typing import Optional
 
 import click
 
+from engine.atomic import OutputPathError, writable_folder
 from .checkpoint import read_checkpoint, refuse_non_finite
 from engine.runtime.errors import ShardingError
 from .beit3_infer import infer_beit3_config, is_beit3
 from .infer import ConfigError, infer_config, select_weights
 from engine.runtime.plan import check_degree, plan_table
-from .shards import write_shards
+from .shards import check_out_dir, write_shards
 
 
 FAMILY_NAMES = {"vlmo": "VLMo", "beit3": "BEiT-3"}
@@ -25,19 +26,20 @@ def _plan_help() -> str:
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
               help="Published VLMo (.pt / .ckpt) or BEiT-3 (.pth) checkpoint. Read without executing any pickle "
                    "code.")
-@click.option("--tp", required=True, type=int, help="Tensor-parallel degree: number of shards to cut.")
+@click.option("--tp", required=True, type=click.IntRange(min=1), help="Tensor-parallel degree: number of shards to cut.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--num-heads", type=int,
+@click.option("--num-heads", type=click.IntRange(min=1),
               help="Attention heads, when the checkpoint cannot tell (VLMo without a relative table; BEiT-3 of an "
                    "unpublished size).")
-@click.option("--image-size", type=int, help="Input image size, when the checkpoint cannot tell.")
-@click.option("--max-text-len", type=int, help="Text length, when the checkpoint cannot tell.")
-@click.option("--vl-start-layer", type=int, help="First layer with a vision-language expert.")
+@click.option("--image-size", type=click.IntRange(min=1), help="Input image size, when the checkpoint cannot tell.")
+@click.option("--max-text-len", type=click.IntRange(min=2), help="Text length, when the checkpoint cannot tell.")
+@click.option("--vl-start-layer", type=click.IntRange(min=0), help="First layer with a vision-language expert.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 def main(checkpoint: Path, tp: int, out_dir: Path, num_heads: Optional[int], image_size: Optional[int],
          max_text_len: Optional[int], vl_start_layer: Optional[int], overwrite: bool) -> None:
     """Cut CHECKPOINT into TP safetensors shards plus manifest.json under OUT."""
     try:
+        check_out_dir(out_dir, overwrite)  # before the checkpoint is read: that is most of the work
         ckpt = read_checkpoint(checkpoint)
         try:
             infer = infer_beit3_config if is_beit3(ckpt.state_dict) else infer_config
@@ -53,7 +55,7 @@ def main(checkpoint: Path, tp: int, out_dir: Path, num_heads: Optional[int], ima
             click.echo(f"ignoring {len(unknown)} tensors the engine does not use: {', '.join(unknown)}", err=True)
         manifest = write_shards(weights, cfg, tp, out_dir, source={"file": checkpoint.name, "sha256": ckpt.sha256},
                                 overwrite=overwrite, report=lambda line: click.echo(line, err=True))
-    except ShardingError as exc:
+    except (ShardingError, OutputPathError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {manifest.tp} shards of a {cfg.depth}-layer, {cfg.embed_dim}-wide, {cfg.num_heads}-head "
                f"{FAMILY_NAMES[cfg.family]} ({', '.join(cfg.tasks) or 'backbone only'}; image {cfg.image_size}) "

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping
 import torch
 from safetensors.torch import save_file
 
-from engine.atomic import atomic_directory
+from engine.atomic import atomic_directory, writable_folder
 from engine.runtime.config import VLMoConfig
 from engine.runtime.errors import ShardingError
 from engine.runtime.plan import check_degree, shard_tensor
@@ -34,8 +34,7 @@ def write_shards(weights: Mapping[str, torch.Tensor], cfg: VLMoConfig, tp: int, 
     """
     check_degree(cfg, tp)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ShardingError(out_dir, "the output directory is not empty; pass --overwrite to replace it")
+    check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _only_writer(out_dir, report):
         with atomic_directory(out_dir) as staging:
@@ -45,6 +44,14 @@ def write_shards(weights: Mapping[str, torch.Tensor], cfg: VLMoConfig, tp: int, 
                            "config": cfg.to_dict(), "source": source, "files": files}, handle, indent=1)
                 handle.write("\n")
     return Manifest(config=cfg, tp=tp, source=source, files=files)
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output directory that cannot be written (raises engine.atomic.OutputPathError) or that holds
+    something, unless `overwrite`."""
+    writable_folder(out_dir, "--out", replaced=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ShardingError(out_dir, "the output directory is not empty; pass --overwrite to replace it")
 
 
 def _write_rank(weights: Mapping[str, torch.Tensor], cfg: VLMoConfig, tp: int, rank: int,

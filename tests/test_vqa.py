@@ -283,7 +283,7 @@ def test_a_dead_rank_ends_the_job_and_keeps_the_results(shards: Path, tmp_path: 
     job = start_torchrun(2, "engine.vqa", _args(shards, out, data, "--batch-size", 1, "--timeout", timeout_s))
     try:
         deadline = time.monotonic() + 180
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 4):  # the identity line, then 3 answers
             assert job.poll() is None, "the job ended before a rank could be killed"
             assert time.monotonic() < deadline, "no results after 180 s"
             time.sleep(0.05)
@@ -298,16 +298,16 @@ def test_a_dead_rank_ends_the_job_and_keeps_the_results(shards: Path, tmp_path: 
     assert returncode != 0
     data = out.read_bytes()
     assert data.endswith(b"\n")
-    ids = [json.loads(line)["question_id"] for line in data.splitlines()]
+    ids = [r["question_id"] for r in read_results(out)]
     assert len(ids) == len(set(ids)) < 20 * 65
 
 
 def test_results_of_another_checkpoint_are_not_continued(tmp_path: Path) -> None:
     out = tmp_path / "results.jsonl"
-    out.write_text(json.dumps({"question_id": 1, "checkpoint": "aaaa", "answer": "yes", "label": 6}) + "\n")
-    with pytest.raises(UsageError, match="another checkpoint"):
-        open_results(out, "bbbb")
-    open_results(out, "aaaa").close()  # the same checkpoint continues
+    open_results(out, {"checkpoint": "aaaa"}).close()
+    with pytest.raises(UsageError, match="another run .checkpoint: aaaa recorded, bbbb now"):
+        open_results(out, {"checkpoint": "bbbb"})
+    open_results(out, {"checkpoint": "aaaa"}).close()  # the same checkpoint continues
 
 
 def test_a_non_finite_output_is_an_error_naming_the_questions_never_an_answer(tmp_path: Path) -> None:

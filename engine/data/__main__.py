@@ -7,6 +7,7 @@ from typing import Callable
 
 import click
 
+from ..atomic import OutputPathError, writable_folder
 from ..options import option_group
 from .karpathy import write_karpathy
 from .nlvr2 import write_nlvr2
@@ -24,8 +25,9 @@ _in_out = option_group([
 
 def _run(writer: Callable[[Path, Path, bool], dict], root: Path, out: Path, overwrite: bool) -> None:
     try:
+        writable_folder(out, "--out")
         counts = writer(root, out, overwrite)
-    except DataError as err:
+    except (DataError, OutputPathError) as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:  # inputs are read through DataError, so this is the output side
         raise click.ClickException(f"cannot write to {out}: {err}") from None

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
+import pyarrow.types as pt
 
 from ..atomic import atomic_path
 from .raw import DataError
@@ -17,6 +18,31 @@ _SPLIT_FILES = {
     "f30k": "f30k_caption_karpathy_{}.arrow",
     "nlvr2": "nlvr2_{}.arrow",
 }
+
+# What the readers need of each kind of file: column -> (what it must be, the test). Writers' extra columns
+# (split) and metadata are free; test splits type their empty answer lists as lists of null, so "a list" it is.
+Kind = Tuple[str, Callable[[pa.DataType], bool]]
+_BINARY: Kind = ("binary", lambda t: pt.is_binary(t) or pt.is_large_binary(t))
+_STRING: Kind = ("a string", lambda t: pt.is_string(t) or pt.is_large_string(t))
+_INTEGER: Kind = ("an integer", pt.is_integer)
+_LIST: Kind = ("a list", lambda t: pt.is_list(t) or pt.is_large_list(t))
+_ANY: Kind = ("any type", lambda t: True)
+
+
+def _list_of(kind: Kind) -> Kind:
+    return f"a list of {kind[0]}s", lambda t: _LIST[1](t) and kind[1](t.value_type)
+
+
+COLUMNS: Dict[str, Dict[str, Kind]] = {
+    "vqav2": {"image": _BINARY, "questions": _list_of(_STRING), "question_id": _list_of(_INTEGER), "image_id": _ANY,
+              "answers": _LIST, "answer_labels": _LIST, "answer_scores": _LIST},
+    "coco": {"image": _BINARY, "caption": _list_of(_STRING), "image_id": _ANY},
+    "nlvr2": {"image_0": _BINARY, "image_1": _BINARY, "questions": _list_of(_STRING), "answers": _list_of(_STRING),
+              "identifier": _STRING},
+    "vqav2 official annotations": {"question_id": _INTEGER, "answers": _list_of(_STRING), "answer_type": _STRING,
+                                   "question_type": _STRING},
+}
+COLUMNS["f30k"] = COLUMNS["coco"]
 
 # Rows buffered before a record batch is written: bounds memory to a few
 # hundred MB of images while keeping the batch count small.
@@ -107,17 +133,36 @@ def split_filename(dataset: str, split: str) -> str:
 
 
 def read_split(arrow_dir: Path, dataset: str, split: str) -> pa.Table:
-    """Memory-map the arrow file of one split."""
-    return read_table(Path(arrow_dir) / split_filename(dataset, split))
+    """Memory-map the arrow file of one split, checked to have the columns of `dataset`'s files."""
+    return read_table(Path(arrow_dir) / split_filename(dataset, split), dataset)
 
 
-def read_table(path: Path) -> pa.Table:
-    """Memory-map an Arrow IPC file; column data is read from the page cache on access."""
+def read_table(path: Path, kind: Optional[str] = None) -> pa.Table:
+    """Memory-map an Arrow IPC file; column data is read from the page cache on access.
+
+    With `kind` (a key of COLUMNS), the file must have the columns its readers use, of the types they expect.
+    """
     if not path.is_file():
         present = sorted(p.name for p in path.parent.glob("*.arrow")) if path.parent.is_dir() else []
         hint = f"; present: {', '.join(present)}" if present else ""
         raise DataError(f"missing arrow file {path}{hint}")
     try:
-        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"not a readable arrow file {path}: {err}") from None
+    if kind is not None:
+        check_columns(path, table.schema, kind)
+    return table
+
+
+def check_columns(path: Path, schema: pa.Schema, kind: str) -> None:
+    """Refuse, naming the file and every wrong column, a schema without the columns of `kind`'s files."""
+    expected = COLUMNS[kind]
+    missing = [name for name in expected if name not in schema.names]
+    wrong = [f"{name} is {schema.field(name).type}, not {what}" for name, (what, fits) in expected.items()
+             if name in schema.names and not fits(schema.field(name).type)]
+    if missing or wrong:
+        problems = ([f"no column {', '.join(missing)}"] if missing else []) + wrong
+        raise DataError(f"{path}: not a {kind} arrow file ({'; '.join(problems)}; it has: "
+                        f"{', '.join(schema.names) or 'no columns'}); write it with `python -m engine.data "
+                        f"{kind.split()[0]}`")

@@ -32,10 +32,11 @@ class _LazyTable:
     workers) maps the file again on first use instead of carrying its data.
     """
 
-    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, file_name: Optional[str] = None) -> None:
+    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, file_name: Optional[str] = None,
+                 kind: Optional[str] = None) -> None:
         self._path = Path(arrow_dir) / (file_name or split_filename(dataset, split))
-        # Opened now so a missing file fails in the parent process.
-        self._table: Optional[pa.Table] = read_table(self._path)
+        # Opened (and its columns checked) now so a missing or foreign file fails in the parent process.
+        self._table: Optional[pa.Table] = read_table(self._path, kind or dataset)
 
     @property
     def table(self) -> pa.Table:
@@ -101,7 +102,7 @@ class VQADataset(_PerTextDataset):
         if not (arrow_dir / name).is_file():
             return None, (f"no {name} beside the arrow file: the published arrow format keeps only the answers in "
                           f"the label vocabulary; `python -m engine.data vqav2` writes it")
-        official = _LazyTable(arrow_dir, "vqav2", split, file_name=name)
+        official = _LazyTable(arrow_dir, "vqav2", split, file_name=name, kind="vqav2 official annotations")
         if official.table.column("question_id").to_pylist() != self.question_ids():
             raise DataError(f"{arrow_dir / name} does not list the questions of {split_filename('vqav2', split)} "
                             f"in its order; write both again with `python -m engine.data vqav2`")

@@ -34,7 +34,10 @@ class SentencePieceTokenizer:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as exc:
             raise DataError(f"{path}: not a SentencePiece model ({str(exc).strip().splitlines()[0]})") from None
-        self.model, self.max_len = path, max_len
+        self.model = self.file = path
+        self.max_len = max_len
+        # XLM-R ids run from 0 to the piece count (every piece's id plus one; <unk> takes SentencePiece's 0)
+        self.vocab_size = self._sp.get_piece_size() + FAIRSEQ_OFFSET
 
     def ids(self, text: str) -> list:
         """<s>, the XLM-R ids of the text's pieces (cut to max_len - 2), </s>; no padding."""

@@ -17,6 +17,8 @@ from .raw import DataError
 
 DEFAULT_VOCAB = Path(__file__).resolve().parent / "vocab" / "bert-base-uncased-vocab.txt"
 MAX_TEXT_LEN = 40
+# The tokens the published tokenisation writes (and pads with, and maps unknown pieces to).
+SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
 
 
 class TextTokenizer:
@@ -28,9 +30,13 @@ class TextTokenizer:
             raise DataError(f"missing vocabulary file {path}")
         if max_len < 2:
             raise ValueError(f"max_len must leave room for [CLS] and [SEP], got {max_len}")
-        self.vocab = path
+        self.vocab = self.file = path
         self.max_len = max_len
-        self._tokenizer = BertWordPieceTokenizer(str(path), lowercase=True)
+        self.vocab_size = _check_vocabulary(path)
+        try:
+            self._tokenizer = BertWordPieceTokenizer(str(path), lowercase=True)
+        except Exception as exc:  # the tokenizers library's own errors carry no file name
+            raise DataError(f"{path}: not a usable WordPiece vocabulary ({exc})") from None
         self._tokenizer.enable_truncation(max_length=max_len)
         self._tokenizer.enable_padding(length=max_len, pad_id=self._tokenizer.token_to_id("[PAD]"))
 
@@ -52,3 +58,30 @@ class TextTokenizer:
             "text_ids": torch.tensor(ids, dtype=torch.int64).reshape(-1, self.max_len),
             "text_masks": torch.tensor(masks, dtype=torch.int64).reshape(-1, self.max_len),
         }
+
+
+def _check_vocabulary(path: Path) -> int:
+    """The number of tokens of a WordPiece vocabulary file (one token a line), after checking that it is one."""
+    data = path.read_bytes()
+    try:
+        tokens = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        kind = "a SentencePiece model (BEiT-3's tokenizer)" if _is_sentencepiece(path) else "binary data"
+        raise DataError(f"{path}: not a WordPiece vocabulary (one token a line, UTF-8 text) but {kind}; VLMo "
+                        f"checkpoints take the vocabulary they were trained with, such as bert-base-uncased's "
+                        f"vocab.txt") from None
+    missing = [token for token in SPECIAL_TOKENS if token not in set(tokens)]
+    if missing:
+        raise DataError(f"{path}: not a BERT WordPiece vocabulary: it lacks {', '.join(missing)} (of "
+                        f"{len(tokens)} lines), which the published tokenisation writes")
+    return len(tokens)
+
+
+def _is_sentencepiece(path: Path) -> bool:
+    try:
+        import sentencepiece
+
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+        return True
+    except Exception:
+        return False

@@ -2,7 +2,8 @@
 
 Handlers parse and preprocess in a thread pool (never on the event loop), submit jobs to the batcher and await
 their rows. Every refusal is `{"error": "..."}` with its status: 400 malformed, 404 no such endpoint or no such
-head in this checkpoint, 413 too large, 503 (with Retry-After) queue full, loading, failed or shutting down.
+head in this checkpoint, 405 wrong method (with Allow), 413 too large, 503 (with Retry-After) queue full, loading,
+failed or shutting down. The API's schema is served at /openapi.json (and /docs), from engine.serving.schema.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -26,10 +27,15 @@ from .payloads import (Prepared, Preprocessor, chat_response, embeddings_respons
                        top_k_of, vqa_response)
 from .preprocess import RequestError, check_image_size
 from .runner import Runner
+from .schema import (REQUEST_MODELS, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse, ErrorBody,
+                     HealthBody, ModelList, NLVR2Form, NLVR2Request, NLVR2Response, VQAForm, VQARequest, VQAResponse,
+                     errors, request_body, request_schemas)
 from .tasks import IMAGE_EMBEDDING, NLVR2, VQA
 
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/vqa", "/v1/chat/completions", "/v1/embeddings",
-             "/v1/nlvr2")
+             "/v1/nlvr2", "/openapi.json", "/docs")
+# What every POST endpoint may answer besides 200.
+_REFUSALS = errors(400, 404, 413, 503)
 
 
 @dataclass
@@ -51,8 +57,11 @@ class ServerState:
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="vlmo-tp", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="vlmo-tp", version="0.1.0", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+                  description="VQA, OpenAI chat and embeddings, and NLVR2 on a tensor-parallel VLMo or BEiT-3 "
+                              "checkpoint. Every error body is {\"error\": \"...\"}.")
     metrics = state.metrics
+    _serve_request_schemas(app)
 
     # The metrics wrapper is outermost so that it also counts the body-size refusals.
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
@@ -69,7 +78,14 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def httperror_response(_: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # A bug of the server's, not the client's fault: still a JSON body (the traceback goes to the log).
+        return error_response(500, f"internal error: {type(exc).__name__}")
 
     async def offload(fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
@@ -103,7 +119,8 @@ def build_app(state: ServerState) -> FastAPI:
             extra["warning"] = "; ".join(notes)
         return extra
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthBody,
+             responses={503: {"model": Union[HealthBody, ErrorBody], "description": "Loading, or failed."}})
     async def health() -> JSONResponse:
         if state.runner.failure:
             return error_response(503, state.runner.failure)
@@ -111,7 +128,7 @@ def build_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": RETRY_AFTER})
         return JSONResponse({"status": "ok"})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> Dict[str, Any]:
         return {"object": "list", "data": [{
             "id": state.model_id, "object": "model", "created": state.created, "owned_by": "vlmo-tp",
@@ -119,7 +136,9 @@ def build_app(state: ServerState) -> FastAPI:
             "image_size": state.cfg.image_size, "max_text_len": state.cfg.max_text_len,
             "answers": len(state.answers) if state.answers else None}]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format."}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -139,7 +158,8 @@ def build_app(state: ServerState) -> FastAPI:
         prepared.options["top_k"] = form.get("top_k")
         return prepared
 
-    @app.post("/v1/vqa")
+    @app.post("/v1/vqa", response_model=VQAResponse, responses=_REFUSALS,
+              openapi_extra=request_body(VQARequest, VQAForm))
     async def vqa(request: Request) -> Dict[str, Any]:
         began = time.perf_counter()
         need(VQA, "VQA")
@@ -149,7 +169,8 @@ def build_app(state: ServerState) -> FastAPI:
         results = await run([prepared])
         return {**vqa_response(results[0].output, state.answers, k), **answered(began, [prepared], results)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatResponse, responses=_REFUSALS,
+              openapi_extra=request_body(ChatRequest))
     async def chat(request: Request) -> Dict[str, Any]:
         began = time.perf_counter()
         need(VQA, "VQA")
@@ -160,7 +181,8 @@ def build_app(state: ServerState) -> FastAPI:
         response["vlmo"] = answered(began, [prepared], results)
         return response
 
-    @app.post("/v1/nlvr2")
+    @app.post("/v1/nlvr2", response_model=NLVR2Response, responses=_REFUSALS,
+              openapi_extra=request_body(NLVR2Request, NLVR2Form))
     async def nlvr2(request: Request) -> Dict[str, Any]:
         began = time.perf_counter()
         need(NLVR2, "NLVR2")
@@ -169,7 +191,8 @@ def build_app(state: ServerState) -> FastAPI:
         results = await run([prepared])
         return {**nlvr2_response(results[0].output), **answered(began, [prepared], results)}
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_REFUSALS,
+              openapi_extra=request_body(EmbeddingsRequest))
     async def embeddings(request: Request) -> Dict[str, Any]:
         began = time.perf_counter()
         need(IMAGE_EMBEDDING, "retrieval")
@@ -182,6 +205,21 @@ def build_app(state: ServerState) -> FastAPI:
         return response
 
     return app
+
+
+def _serve_request_schemas(app: FastAPI) -> None:
+    """The request models' schemas join the components FastAPI makes of the response models (the handlers parse
+    their bodies themselves, so FastAPI does not see them)."""
+    make = app.openapi
+
+    def openapi() -> Dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = make()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas(REQUEST_MODELS))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _form(request: Request) -> Any:

@@ -45,7 +45,10 @@ class Job:
             else:
                 self.future.set_result(result)
 
-        self.loop.call_soon_threadsafe(settle)
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed: the server stopped and nobody waits for this answer
+            pass
 
 
 @dataclass
@@ -113,6 +116,11 @@ class Batcher:
         """Refuse everything from now on; returns the queued jobs (the caller fails them)."""
         with self._cond:
             self._failed = reason
+            return self.shed()
+
+    def shed(self) -> List[Job]:
+        """Take every queued job out of the queue (the caller answers them); the batch in flight is not queued."""
+        with self._cond:
             jobs = [job for q in self._queues.values() for job in q]
             for q in self._queues.values():
                 q.clear()

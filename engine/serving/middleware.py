@@ -1,15 +1,19 @@
 """ASGI middleware of the server: the request-body bound and the request metrics; the error body."""
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Callable, Dict, Sequence
 
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from .metrics import ServerMetrics
 from .preprocess import RequestError
 
 RETRY_AFTER = "1"  # seconds, on every 503
+# The status recorded for a client that went away before its response (nginx's "client closed request").
+CLIENT_CLOSED = "499"
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -59,7 +63,11 @@ class BodyLimit(_HttpOnly):
 
 
 class Counted(_HttpOnly):
-    """Requests by endpoint and status, and their latency (paths other than `endpoints` count as "other")."""
+    """Requests by endpoint and status, and their latency (paths other than `endpoints` count as "other").
+
+    Also the last word on two ends that are no error of the server's: a client that disconnects mid-request
+    (counted as 499, nothing sent: nobody listens) and a request the server's shutdown cancels (503).
+    """
 
     def __init__(self, app: Callable, metrics: ServerMetrics, endpoints: Sequence[str]) -> None:
         super().__init__(app)
@@ -77,6 +85,12 @@ class Counted(_HttpOnly):
 
         try:
             await self.app(scope, receive, noted)
+        except ClientDisconnect:
+            status[0] = CLIENT_CLOSED
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when its graceful shutdown ends
+            if status[0] == "500":
+                await error_response(503, "the server is shutting down")(scope, receive, noted)
         finally:
             self.metrics.requests.labels(endpoint, status[0]).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - began)

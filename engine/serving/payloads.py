@@ -10,17 +10,19 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, Type
 
 import torch
+
+from pydantic import BaseModel, ValidationError
 
 from ..runtime.families import ModelConfig
 from ..tasks.tokenizers import Tokenizer
 from .preprocess import Limits, RequestError, TextPreprocessor, image_bytes_from_text, image_tensor
+from .schema import DEFAULT_TOP_K, ChatRequest, EmbeddingsRequest, NLVR2Request, VQARequest
 from .tasks import IMAGE_EMBEDDING, NLVR2, TEXT_EMBEDDING, VQA
 
 NLVR2_LABELS = ("False", "True")  # class 0 and 1 of the NLVR2 head, as engine.nlvr2 names them
-DEFAULT_TOP_K = 5
 
 
 @dataclass
@@ -33,13 +35,22 @@ class Prepared:
     options: Dict[str, Any] = field(default_factory=dict)  # request options besides the inputs (top_k)
 
 
-def parse_json(body: bytes) -> Dict[str, Any]:
+def parse_json(body: bytes, model: Type[BaseModel]) -> Dict[str, Any]:
+    """The JSON object of a request body, valid against its endpoint's request `model` (else a 400)."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"malformed JSON body: {exc}") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise RequestError("malformed JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError("the JSON body must be an object")
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise RequestError(f"{where}: {first['msg']}") from None
     return data
 
 
@@ -90,14 +101,14 @@ class Preprocessor:
 
     def vqa_json(self, body: bytes) -> Prepared:
         """POST /v1/vqa as JSON; top_k as sent (the caller checks it against the answer table)."""
-        data = parse_json(body)
+        data = parse_json(body, VQARequest)
         question = required(data, "question")
         prepared = self.vqa(self.encoded_image(required(data, "image"), "image"), question)
         prepared.options["top_k"] = data.get("top_k")
         return prepared
 
     def nlvr2_json(self, body: bytes) -> Prepared:
-        data = parse_json(body)
+        data = parse_json(body, NLVR2Request)
         images = data.get("images")
         if images is None:
             images = [required(data, "image_0"), required(data, "image_1")]
@@ -108,7 +119,7 @@ class Preprocessor:
 
     def chat_json(self, body: bytes) -> Prepared:
         """An OpenAI chat request: its last user message's image_url (data URI) and text parts."""
-        data = parse_json(body)
+        data = parse_json(body, ChatRequest)
         if data.get("stream"):
             raise RequestError("stream: streaming responses are not supported; send stream: false")
         messages = required(data, "messages")
@@ -123,7 +134,7 @@ class Preprocessor:
     def embeddings_json(self, body: bytes, max_items: int) -> Tuple[List[Prepared], Dict[str, Any]]:
         """One job per input: `input` texts, `images` (base64 or data URIs), or `input` items that are images
         (a data URI string, {"image": ...}, {"image_url": {"url": ...}}) or {"text": ...}."""
-        data = parse_json(body)
+        data = parse_json(body, EmbeddingsRequest)
         texts, images = data.get("input"), data.get("images")
         if (texts is None) == (images is None):
             raise RequestError("send either 'input' (texts) or 'images' (base64 images or data URIs)")

@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -70,15 +71,35 @@ def check_image_size(data: bytes, field: str, limits: Limits) -> bytes:
 
 
 def _check_pixels(data: bytes, field: str, limits: Limits) -> None:
-    """Refuse a decompression bomb from its header alone (Image.open reads no pixel data)."""
+    """Refuse a decompression bomb from its header alone (Image.open reads no pixel data).
+
+    Pillow refuses images over twice its own MAX_IMAGE_PIXELS inside Image.open, before the size can be read:
+    that is a bomb too (413), whatever --max-image-pixels says.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise RequestError(f"{field}: {_pixels_over(exc)} --max-image-pixels {limits.max_image_pixels} "
+                           f"(a decompression bomb)", 413) from None
     except Exception as exc:  # Pillow raises many types on hostile headers; all mean "not an image"
         raise RequestError(f"{field}: cannot decode image ({len(data)} bytes): {exc}") from None
     if width * height > limits.max_image_pixels:
         raise RequestError(f"{field}: image of {width}x{height} pixels exceeds --max-image-pixels "
                            f"{limits.max_image_pixels}", 413)
+
+
+def _pixels_over(exc: Image.DecompressionBombError) -> str:
+    # Pillow's message: "Image size (N pixels) exceeds limit of M pixels, ..."
+    size = str(exc).split(" pixels)")[0].split("(")[-1]
+    return f"image of {size} pixels exceeds" if size.isdigit() else "image exceeds"
+
+
+def allow_pixels(limit: int) -> None:
+    """Make Pillow's own bomb guard (process-wide) agree with --max-image-pixels: it warns above the limit and
+    refuses above twice it, so every image within the limit opens and every larger one is refused as a bomb."""
+    Image.MAX_IMAGE_PIXELS = limit
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _check_pixels refuses those with a 413
 
 
 def image_tensor(data: bytes, field: str, size: int, limits: Limits) -> torch.Tensor:

@@ -85,6 +85,17 @@ class Runner:
             if began is not None and time.monotonic() - began > self.timeout_s:
                 self.fail(f"a tensor-parallel rank did not finish a step within --timeout {self.timeout_s:g} s")
 
+    def drain(self, timeout_s: float) -> None:
+        """Shutdown: take no new requests, run what is queued for up to `timeout_s`, then answer what is still
+        queued with 503; the batch in flight finishes, then the engine thread stops the group."""
+        self.batcher.close()
+        deadline = time.monotonic() + timeout_s
+        while self.batcher.depth and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for job in self.batcher.shed():
+            job.resolve(error=Unavailable(f"the server is shutting down: not started within --drain-timeout "
+                                          f"{timeout_s:g} s"))
+
     def fail(self, reason: str, running: Sequence[Job] = ()) -> None:
         """Answer every pending request (queued, or in the batch that failed) with 503 and stop the server."""
         with self._lock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import click
 import torch
 import torch.distributed as dist
 
+from ..atomic import OutputPathError, writable_file
 from ..data.raw import DataError
 from ..options import option_group
 from ..runtime.config import VLMoConfig
@@ -60,9 +60,10 @@ def engine_options(command: Callable) -> Callable:
                      help="npu → HCCL, cuda → NCCL, cpu → gloo; auto picks the first available in that order."),
         click.option("--dtype", default=None, type=click.Choice(sorted(DTYPES)),
                      help="Compute dtype [default: fp16 on NPU/GPU, fp32 on CPU]."),
-        click.option("--threads", type=int, default=None,
+        click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads per rank [default: cores / ranks on this node]."),
-        click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+        click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+                     show_default=True,
                      help="Seconds a collective may wait for a peer before the job fails."),
     ])(command)
 
@@ -75,32 +76,23 @@ def require_head(cfg: VLMoConfig, task: str, where: object) -> None:
                          f"{', '.join(cfg.tasks) or 'none'}); shard a {name} fine-tuned checkpoint such as {example}")
 
 
+def require_samples(where: object, rows: int) -> None:
+    """Refuse inputs of 0 samples before the model loads (every rank would fail inside the forward)."""
+    if rows < 1:
+        raise UsageError(f"{where}: holds 0 samples (the inputs' first dimension is 0); nothing to run")
+
+
 def writable(option: str, path: Path) -> Path:
-    """`path` after checking, before any work, that rank 0 can write it there; else one UsageError line.
+    """`path` after checking, before any work, that rank 0 can write a file there; else one UsageError line.
 
     Only rank 0 writes outputs (its node may be the only one with the folder), so only rank 0 checks.
-    A file is tried in the nearest existing folder, which also catches read-only folders for root-less
-    users and ACLs that permission bits do not show.
     """
     if int(os.environ.get("RANK", "0")) != 0:
         return path
-    target = Path(os.path.abspath(path))
-    if target.is_dir():
-        raise UsageError(f"{option} {path}: is a directory; name a file")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise UsageError(f"{option} {path}: the file is not writable")
-    folder = target.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UsageError(f"{option} {path}: {folder} is a file, not a folder")
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UsageError(f"{option} {path}: cannot write in {folder} ({exc.strerror})") from None
-    return path
+        return writable_file(path, option)
+    except OutputPathError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def start_engine(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int],

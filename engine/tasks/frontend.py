@@ -7,6 +7,8 @@ run description and the final table. See "Adding a task" in the README.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
@@ -15,11 +17,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..runtime.distributed import ParallelContext, broadcast_object
-from ..runtime.shards import Manifest
+from ..runtime.shards import sha256_file
 from ..options import option_group
 from .cli import Engine, ModelOutputError, UsageError
 from .evaluation import Batch, EvalStats, Record, evaluate
-from .results import ResultsWriter, read_results
+from .results import IdentityMismatch, ResultsWriter, read_results
 from .tokenizers import tokenizer_option
 
 Row = Tuple[str, str]
@@ -64,20 +66,24 @@ def results_options(*, stem: str, one_per: str, summary: str) -> Callable[[Calla
     ])
 
 
-def checkpoint_tag(manifest: Manifest) -> str:
-    """A short id of the source checkpoint, stored in every result line so a file is never continued with another."""
-    return str(manifest.source.get("sha256", ""))[:16]
+def results_identity(task: str, split: str, dataset_file: str, keys: Sequence[Hashable],
+                     **files: Path) -> Dict[str, Any]:
+    """What a results file holds the results of, besides the checkpoint and dtype (which `run_resumable` adds):
+    the task, the split, the dataset (its file name, its item count and a hash of every item's key in order, so a
+    copy of the same file matches and another dataset does not) and the sha256 of each input file that changes the
+    results (`files`: answer table, tokenizer)."""
+    listed = json.dumps([list(k) if isinstance(k, tuple) else k for k in keys]).encode()
+    return {"task": task, "split": split,
+            "dataset": {"file": dataset_file, "items": len(keys), "keys_sha256": hashlib.sha256(listed).hexdigest()},
+            **{name: sha256_file(Path(path)) for name, path in files.items()}}
 
 
-def open_results(path: Path, checkpoint: str, key: Union[str, Sequence[str]] = "question_id") -> ResultsWriter:
-    """The results file to append to, refusing one that holds another checkpoint's results."""
+def open_results(path: Path, identity: Dict[str, Any], key: Union[str, Sequence[str]] = "question_id") -> ResultsWriter:
+    """The results file to append to, refusing one that holds the results of anything else than `identity`."""
     try:
-        if path.exists():
-            others = {r.get("checkpoint") for r in read_results(path)} - {checkpoint}
-            if others:
-                raise UsageError(f"{path} holds results of another checkpoint "
-                                 f"(sha256 {sorted(map(str, others))[0]}…); pass a new --out")
-        return ResultsWriter(path, key)
+        return ResultsWriter(path, key, identity)
+    except IdentityMismatch as exc:
+        raise UsageError(f"{exc}: pass a new --out") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"cannot continue {path}: {exc}; pass a new --out") from None
 
@@ -96,21 +102,18 @@ def pending(ctx: ParallelContext, writer: Optional[ResultsWriter], keys: Sequenc
 
 def run_resumable(engine: Engine, dataset: Dataset, keys: Sequence[Hashable], step: Step, *, out_path: Path,
                   key: Union[str, Sequence[str]], noun: str, batch_size: int, num_workers: int,
-                  label: str) -> Optional[Tuple[List[Record], EvalStats]]:
+                  label: str, identity: Dict[str, Any]) -> Optional[Tuple[List[Record], EvalStats]]:
     """Evaluate the `keys` not yet in the results file `out_path`, appending each batch's records as it ends.
 
-    Every record is tagged with the checkpoint, so a file is never continued with another one's results.
-    Returns (every record of the file, this run's stats) on rank 0, None on the other ranks.
+    The file records its `identity` (`results_identity`) with the checkpoint and the dtype, and is never
+    continued by a run of another. Returns (every record of the file, this run's stats) on rank 0, None on the
+    other ranks.
     """
     ctx = engine.ctx
-    checkpoint = checkpoint_tag(engine.manifest)
-    writer = open_results(out_path, checkpoint, key) if ctx.is_main else None
+    identity = {**identity, "checkpoint": str(engine.manifest.source.get("sha256", "")), "dtype": engine.dtype}
+    writer = open_results(out_path, identity, key) if ctx.is_main else None
     todo = pending(ctx, writer, keys, noun)
-
-    def tagged(batch: Batch) -> List[Record]:
-        return [{**record, "checkpoint": checkpoint} for record in step(batch)]
-
-    stats = evaluate(ctx, dataset, todo, tagged, batch_size=batch_size, num_workers=num_workers,
+    stats = evaluate(ctx, dataset, todo, step, batch_size=batch_size, num_workers=num_workers,
                      on_records=writer.append if writer else None, label=label)
     if not ctx.is_main:
         return None

@@ -3,13 +3,17 @@
 Only rank 0 writes. Each appended batch is flushed and fsync'ed, so a killed run
 loses at most the line being written; reopening drops that partial line and
 resumes after the last complete one.
+
+A file may record what it holds the results of (its *identity*: task, split,
+dataset, checkpoint, dtype, ...) in its first line, `{"results_of": {...}}`; it is
+then only ever continued by a run of that identity.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from ..atomic import fsync_dir, to_builtin
 
@@ -19,8 +23,15 @@ PlainKey = Union[int, str]
 ResultKey = Union[PlainKey, Tuple[PlainKey, ...]]
 
 
+HEADER = "results_of"
+
+
 class DuplicateKeyError(ValueError):
     """A result for this key was already recorded."""
+
+
+class IdentityMismatch(ValueError):
+    """The file holds the results of something else than the run that would continue it."""
 
 
 class ResultsWriter:
@@ -32,22 +43,27 @@ class ResultsWriter:
     disk (treat it as read-only); a caller resuming a run skips those items.
     """
 
-    def __init__(self, path: PathLike, key: Union[str, Sequence[str]] = "question_id") -> None:
+    def __init__(self, path: PathLike, key: Union[str, Sequence[str]] = "question_id",
+                 identity: Optional[Mapping[str, Any]] = None) -> None:
         self.path = Path(path)
         self.key = key
         self.done_keys: Set[ResultKey] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         if not created:
-            records, complete_bytes = _scan(self.path)
+            header, records, complete_bytes = _read(self.path)
+            if identity is not None:
+                _same_identity(self.path, header, records, identity)
             if self.path.stat().st_size > complete_bytes:
                 # A crash cut the last line short: drop it so appends start on a line boundary.
                 with open(self.path, "r+b") as fh:
                     fh.truncate(complete_bytes)
                     os.fsync(fh.fileno())
-            for lineno, record in enumerate(records, 1):
+            for lineno, record in enumerate(records, 2 if header else 1):
                 self._claim(self._key_of(record, f"{self.path}:{lineno}"))
         self._fh = open(self.path, "ab")
+        if identity is not None and self._fh.tell() == 0:
+            self._write([{HEADER: dict(identity)}])
         if created:
             fsync_dir(self.path.parent)
 
@@ -62,11 +78,13 @@ class ResultsWriter:
             seen.add(k)
         if not records:
             return
-        data = "".join(_dumps(r) + "\n" for r in records).encode("utf-8")
-        self._fh.write(data)
+        self._write(records)
+        self.done_keys.update(keys)
+
+    def _write(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self._fh.write("".join(_dumps(r) + "\n" for r in records).encode("utf-8"))
         self._fh.flush()
         os.fsync(self._fh.fileno())
-        self.done_keys.update(keys)
 
     def close(self) -> None:
         self._fh.close()
@@ -94,8 +112,42 @@ class ResultsWriter:
 
 
 def read_results(path: PathLike) -> List[Dict[str, Any]]:
-    """All complete records of a results file (a partial last line is ignored, not removed)."""
-    return _scan(Path(path))[0]
+    """All complete records of a results file (a partial last line is ignored, not removed; the identity line is
+    not a record)."""
+    return _read(Path(path))[1]
+
+
+def read_identity(path: PathLike) -> Optional[Dict[str, Any]]:
+    """What the file records it holds the results of, or None."""
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]], int]:
+    """(identity or None, records, length in bytes of the complete lines)."""
+    records, complete = _scan(path)
+    if records and set(records[0]) == {HEADER}:
+        return records[0][HEADER], records[1:], complete
+    return None, records, complete
+
+
+def _same_identity(path: Path, recorded: Optional[Mapping[str, Any]], records: List[Dict[str, Any]],
+                   identity: Mapping[str, Any]) -> None:
+    if recorded is None:
+        if records:
+            raise IdentityMismatch(f"{path} does not record what it holds the results of (written by an older "
+                                   f"version)")
+        return
+    differ = [f"{k}: {_short(recorded.get(k))} recorded, {_short(identity.get(k))} now"
+              for k in sorted(set(recorded) | set(identity)) if recorded.get(k) != identity.get(k)]
+    if differ:
+        raise IdentityMismatch(f"{path} holds the results of another run ({'; '.join(differ)})")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} {_short(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    return text[:12] + "…" if len(text) > 16 and " " not in text else text
 
 
 def _scan(path: Path) -> Tuple[List[Dict[str, Any]], int]:

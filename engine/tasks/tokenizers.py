@@ -23,7 +23,16 @@ def tokenizer_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def make_tokenizer(cfg: ModelConfig, tokenizer_path: Optional[Path], vocab: Optional[Path]) -> Tokenizer:
-    """The tokenizer for checkpoints of cfg's family, padding to its text length."""
+    """The tokenizer for checkpoints of cfg's family, padding to its text length, checked against the checkpoint."""
+    tokenizer = _family_tokenizer(cfg, tokenizer_path, vocab)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise DataError(f"{tokenizer.file}: gives token ids up to {tokenizer.vocab_size - 1} but the checkpoint's "
+                        f"text embedding has {cfg.vocab_size} rows (ids 0 to {cfg.vocab_size - 1}): pass the "
+                        f"tokenizer the checkpoint was trained with")
+    return tokenizer
+
+
+def _family_tokenizer(cfg: ModelConfig, tokenizer_path: Optional[Path], vocab: Optional[Path]) -> Tokenizer:
     if cfg.family == "beit3":
         if tokenizer_path is None:
             raise DataError("BEiT-3 checkpoints read text through the SentencePiece model they were trained with: "

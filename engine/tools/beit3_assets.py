@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import click
 import torch
 
-from ..atomic import write_torch
+from ..atomic import OutputPathError, writable_file, write_torch
 from ..runtime.beit3_config import HEADS_BY_SIZE, PREFIX, BEiT3Config, full_shapes
 
 SIZES = {"base": (768, 12), "large": (1024, 24)}
@@ -68,11 +68,15 @@ def build_random_beit3(path: Path, cfg: BEiT3Config, seed: int = 0, model_name: 
 @click.command()
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path))
 @click.option("--size", type=click.Choice(sorted(SIZES)), default="base", show_default=True)
-@click.option("--image-size", type=int, default=480, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=16), default=480, show_default=True)
 @click.option("--task", type=click.Choice(TASKS), default="vqa", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 def main(out_path: Path, size: str, image_size: int, task: str, seed: int) -> None:
     """Write a random-weight BEiT-3 checkpoint of a published size in the published format."""
+    try:
+        writable_file(out_path, "--out")
+    except OutputPathError as exc:
+        raise click.ClickException(str(exc)) from None
     cfg = random_config(size, image_size, task)
     build_random_beit3(out_path, cfg, seed, f"beit3_{size}_patch16_{image_size}_{task}")
     click.echo(f"wrote {out_path}")

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import click
 
 from ..demo import prepare_assets
+from ..options import NumberList, checked_folders
 from ..loadgen import Client, request_body, run_load, samples_from_arrow, summary_line
 from ..atomic import atomic_path, write_json
 from .bench_study import _free_port, run_bench
@@ -125,19 +126,20 @@ def figure(dynamic: List[Dict[str, Any]], saturated: Dict[str, Dict[str, Any]], 
 @click.option("--model", type=click.Choice(["base", "tiny"]), default="base", show_default=True,
               help="tiny: the demo's 64-wide model, to check the benchmark itself in seconds.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="bf16", show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads per rank [default: cores / 2].")
-@click.option("--single", "n_single", type=int, default=8, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per rank [default: cores / 2].")
+@click.option("--single", "n_single", type=click.IntRange(min=1), default=8, show_default=True,
               help="Requests of the single-stream run (one at a time).")
-@click.option("--saturate", "n_saturate", type=int, default=32, show_default=True,
+@click.option("--saturate", "n_saturate", type=click.IntRange(min=1), default=32, show_default=True,
               help="Requests of each saturated run (all at once).")
-@click.option("--max-batch-size", type=int, default=16, show_default=True, help="Of the dynamic-batching server.")
-@click.option("--fractions", default="0.3 0.6 0.8 0.95", show_default=True,
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Of the dynamic-batching server.")
+@click.option("--fractions", type=NumberList(float, 0, 1), default="0.3 0.6 0.8 0.95", show_default=True,
               help="Poisson rates to try, as fractions of the saturated throughput.")
-@click.option("--per-rate", type=int, default=16, show_default=True, help="Requests at each rate.")
-@click.option("--iters", type=int, default=5, show_default=True, help="engine.bench timed iterations.")
+@click.option("--per-rate", type=click.IntRange(min=1), default=16, show_default=True, help="Requests at each rate.")
+@click.option("--iters", type=click.IntRange(min=1), default=5, show_default=True, help="engine.bench timed iterations.")
 def main(out_dir: Path, workdir: Path, model: str, dtype: str, threads: Optional[int], n_single: int, n_saturate: int,
-         max_batch_size: int, fractions: str, per_rate: int, iters: int) -> None:
+         max_batch_size: int, fractions: List[float], per_rate: int, iters: int) -> None:
     """Server overhead, dynamic-batching throughput and latency vs rate; OUT/report.json and a figure."""
+    checked_folders(out=out_dir, workdir=workdir)
     threads = threads or max(1, (os.cpu_count() or 1) // TP)
     out_dir, workdir = out_dir.resolve(), workdir.resolve()
     arrow, shards = prepare_assets(workdir, model, images=6, tp=TP)
@@ -165,7 +167,7 @@ def main(out_dir: Path, workdir: Path, model: str, dtype: str, threads: Optional
         single = load(server.url, bodies(n_single), float("inf"), 1, "single stream")
         ceiling = saturated["dynamic"]["requests_per_s"]
         by_rate = [load(server.url, bodies(per_rate), f * ceiling, n_saturate, f"Poisson {f:g} x saturated")
-                   for f in map(float, fractions.split())]
+                   for f in fractions]
     finally:
         server.stop()
 

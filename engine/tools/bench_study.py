@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..atomic import atomic_path, write_json
+from ..options import NumberList, checked_folders
 from ..runtime.shards import MANIFEST
 from .demo_assets import build_random_checkpoint
 from ..runtime.distributed import init_parallel
@@ -209,23 +210,24 @@ def _axes(ax: Any, title: str, y_label: str, batches: Sequence[int]) -> None:
 @click.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True)
 @click.option("--cache", type=click.Path(path_type=Path), default=Path(".cache/bench"), show_default=True)
-@click.option("--tps", default="1 2", show_default=True, help="Tensor-parallel degrees, space-separated.")
-@click.option("--batches", default="1 4 8", show_default=True)
+@click.option("--tps", type=NumberList(int, 1), default="1 2", show_default=True, help="Tensor-parallel degrees, space-separated.")
+@click.option("--batches", type=NumberList(int, 1), default="1 4 8", show_default=True)
 @click.option("--dtypes", default="fp32 bf16", show_default=True)
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per rank, the same at every tp [default: cores / the largest tp].")
-@click.option("--reference-threads", type=int, default=None,
+@click.option("--reference-threads", type=click.IntRange(min=1), default=None,
               help="Also run tp 1 with this many threads (e.g. all cores: one process on the cores tp 2 uses).")
-@click.option("--repeats", type=int, default=1, show_default=True,
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run every configuration this many times and keep the fastest (p50): for a shared machine.")
 @click.option("--golden", type=click.Path(path_type=Path), default=Path("../shared/golden"), show_default=True,
               help="Golden VQA cases to check bf16's answers against fp32's on (skipped when absent).")
-@click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--iters", type=int, default=3, show_default=True)
-def main(out_dir: Path, cache: Path, tps: str, batches: str, dtypes: str, threads: Optional[int],
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=3, show_default=True)
+def main(out_dir: Path, cache: Path, tps: List[int], batches: List[int], dtypes: str, threads: Optional[int],
          reference_threads: Optional[int], repeats: int, golden: Path, warmup: int, iters: int) -> None:
     """Run the scaling study and write OUT/report.json, OUT/scaling.png and OUT/runs/*.json (the last run of each)."""
-    tp_list, batch_list, dtype_list = [int(t) for t in tps.split()], [int(b) for b in batches.split()], dtypes.split()
+    checked_folders(out=out_dir, cache=cache)
+    tp_list, batch_list, dtype_list = list(tps), list(batches), dtypes.split()
     threads = threads or max(1, (os.cpu_count() or 1) // max(tp_list))
     configs = [(tp, threads) for tp in tp_list]
     if reference_threads and (1, reference_threads) not in configs:
