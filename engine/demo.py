@@ -8,12 +8,15 @@ so the accuracy it prints means nothing; the point is the pipeline and its speed
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import click
 
@@ -32,6 +35,70 @@ def _run(command: List[str], shown: str) -> None:
     done = subprocess.run(command)
     if done.returncode != 0:
         raise click.ClickException(f"step failed (exit status {done.returncode}): {shown}")
+
+
+def _serve(command: List[str], shown: str) -> None:
+    """Run the server until Ctrl-C, then stop it the quiet way: SIGTERM to its ranks (they drain and exit 0).
+
+    Ctrl-C must reach this process alone: a SIGINT of its own makes torchrun print a traceback and exit 1, and
+    makes `make` report an interrupt and exit 130, for a normal stop. So torchrun runs in a session of its own,
+    and this process takes the terminal's foreground for the time the server runs (as a shell does for a job).
+    """
+    click.secho(f"$ {shown}", bold=True, err=True)
+    job = subprocess.Popen(command, start_new_session=True)
+    with _terminal_foreground():
+        try:
+            try:
+                code = job.wait()
+            except KeyboardInterrupt:
+                click.echo("stopping the server (Ctrl-C): answering what is queued, then exiting", err=True)
+                for pid in _children(job.pid) or [job.pid]:
+                    _signal(pid, signal.SIGTERM)
+                code = job.wait()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+            _signal(-job.pid, signal.SIGKILL)
+            raise
+    if code != 0:
+        raise click.ClickException(f"step failed (exit status {code}): {shown}")
+
+
+@contextlib.contextmanager
+def _terminal_foreground() -> Iterator[None]:
+    """This process in a process group of its own, the terminal's foreground one until the block ends (then the
+    group before it again); nothing without a controlling terminal."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDWR)
+    except OSError:
+        yield
+        return
+    ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may not set the foreground else
+    try:
+        before = os.tcgetpgrp(tty)
+        os.setpgid(0, 0)
+        os.tcsetpgrp(tty, os.getpgrp())
+    except OSError:  # a session leader, or a terminal of another session: leave things as they are
+        before = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            with contextlib.suppress(OSError):  # that group may be gone
+                os.tcsetpgrp(tty, before)
+        signal.signal(signal.SIGTTOU, ttou)
+        os.close(tty)
+
+
+def _children(pid: int) -> List[int]:
+    """torchrun's worker processes (Linux's /proc; elsewhere none, and torchrun itself is signalled)."""
+    listing = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in listing.read_text().split()] if listing.exists() else []
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig) if pid > 0 else os.killpg(-pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _cached(path: Path, what: str) -> bool:
@@ -86,8 +153,10 @@ def prepare_assets(workdir: Path, model: str, images: int, tp: int) -> Tuple[Pat
               help="Passed to engine.vqa (npu/cuda need --tp chips on this machine).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--serve", is_flag=True, help="Instead of evaluating, serve the checkpoint over HTTP (engine.serve, "
-              "http://127.0.0.1:8000; what `make serve` runs).")
-def main(workdir: Path, model: str, images: int, tp: int, device: str, batch_size: int, serve: bool) -> None:
+              "http://127.0.0.1:8000; what `make serve` runs; Ctrl-C stops it).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="--serve's port.")
+def main(workdir: Path, model: str, images: int, tp: int, device: str, batch_size: int, serve: bool,
+         port: int) -> None:
     """Evaluate a random-weight VLMo on synthetic VQAv2 questions with tensor parallelism, end to end."""
     started = time.perf_counter()
     python = sys.executable
@@ -95,9 +164,9 @@ def main(workdir: Path, model: str, images: int, tp: int, device: str, batch_siz
     arrow, shards = prepare_assets(workdir, model, images, tp)
     if serve:
         args = ["-m", "engine.serve", "--shards", str(shards), "--answers", str(arrow / ANSWER_TABLE),
-                "--device", device]
-        _run([python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp), *args],
-             f"torchrun --standalone --nproc-per-node {tp} {shlex.join(args)}")
+                "--device", device, "--port", str(port)]
+        _serve([python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp), *args],
+               f"torchrun --standalone --nproc-per-node {tp} {shlex.join(args)}")
         return
 
     results = workdir / "results" / f"vqav2_val_{model}_tp{tp}.jsonl"

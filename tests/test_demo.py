@@ -1,10 +1,20 @@
 """`python -m engine.demo` (make demo) drives the whole pipeline; here with the tiny model so it takes seconds."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import signal
+import subprocess
+import termios
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
-from _run import run_module
+from _paths import REPO
+from _run import _env, run_module
 
 
 def test_demo_runs_the_vqa_pipeline_and_says_the_weights_are_random(tmp_path: Path) -> None:
@@ -17,3 +27,58 @@ def test_demo_runs_the_vqa_pipeline_and_says_the_weights_are_random(tmp_path: Pa
     summary = json.loads(summary_path.read_text())
     assert summary["questions"] == summary["answered"] == 18
     assert (summary["run"]["tp"], summary["latency"]["batches"]) == (2, 9)
+
+
+def test_ctrl_c_on_make_serve_stops_the_server_quietly_with_exit_0(tmp_path: Path) -> None:
+    # A terminal of its own (a pty), as a person has: Ctrl-C is the byte 0x03, which the terminal turns into
+    # SIGINT for its foreground process group.
+    master, slave = pty.openpty()
+    job = subprocess.Popen(["make", "-s", "serve", f"DEMO_ARGS=--model tiny --workdir {tmp_path} --port 0"],
+                           cwd=REPO, env=_env(), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                           preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    output = Terminal(master)
+    try:
+        url = output.wait_for("listening on ").split()[2]
+        output.wait_for("ready: ")
+        with urllib.request.urlopen(url + "/health", timeout=30) as reply:
+            assert reply.status == 200
+        seen = len(output.text)
+        os.write(master, b"\x03")
+        code = job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    rest = output.text[seen:]
+    assert code == 0, output.text
+    for noise in ("Traceback", "SignalException", "Error", "error", "Interrupt"):
+        assert noise not in rest, output.text
+
+
+class Terminal:
+    """What a pty's programs print, read in the background."""
+
+    def __init__(self, master: int) -> None:
+        self.text = ""
+        self._master = master
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._master, 4096)
+            except OSError:  # EIO: every program holding the terminal has exited
+                return
+            if not data:
+                return
+            self.text += data.decode(errors="replace")
+
+    def wait_for(self, prefix: str, timeout: float = 180) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.text.splitlines():
+                if line.startswith(prefix):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no line starting {prefix!r}:\n{self.text}")

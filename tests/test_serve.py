@@ -246,6 +246,37 @@ def test_a_full_queue_gets_503_and_sigterm_finishes_in_flight_requests_then_exit
         slow.kill()
 
 
+def test_sigterm_with_more_queued_than_the_drain_allows_answers_503_and_every_rank_exits_0(shards: Path) -> None:
+    from engine.serve import SHUTDOWN_MARGIN_S
+
+    drain_s = 1.0
+    server = Server(2, ["--shards", shards, "--answers", ANSWERS, "--max-batch-size", 1, "--max-wait-ms", 0,
+                        "--drain-timeout", drain_s, "--timeout", 60])
+    try:
+        os.kill(server.rank_pid(1), signal.SIGSTOP)  # no step can finish now: the requests stay queued
+        threads, replies = ask_in_background(server, QUESTIONS[:8])
+        wait_for_queue(server, 7)
+        ranks = [server.rank_pid(0), server.rank_pid(1)]
+        os.kill(ranks[0], signal.SIGTERM)
+        began = time.monotonic()
+        time.sleep(drain_s + 0.5)
+        os.kill(ranks[1], signal.SIGCONT)  # the step in flight (a ping or the first batch) can finish
+        # the promise: every rank gone within the drain and the margin after SIGTERM (torchrun follows)
+        assert all(_exited(pid, began + drain_s + SHUTDOWN_MARGIN_S - time.monotonic()) for pid in ranks)
+        code = server.wait(timeout=30)
+        for t in threads:
+            t.join()
+    finally:
+        server.kill()
+    assert code == 0, "".join(server.log)
+    statuses = [replies[i][0] for i in range(8)]
+    assert set(statuses) <= {200, 503} and statuses.count(503) >= 7, statuses
+    for status, headers, body in replies.values():
+        if status == 503:
+            assert "shutting down" in body["error"] and headers["retry-after"] == "1"
+    assert "Traceback" not in "".join(server.log) and "error" not in "".join(server.log).lower()
+
+
 def _exited(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
