@@ -29,17 +29,18 @@ _LIST: Kind = ("a list", lambda t: pt.is_list(t) or pt.is_large_list(t))
 _ANY: Kind = ("any type", lambda t: True)
 
 
-def _list_of(kind: Kind) -> Kind:
-    return f"a list of {kind[0]}s", lambda t: _LIST[1](t) and kind[1](t.value_type)
+def _list_of(kind: Kind, plural: str) -> Kind:
+    return f"a list of {plural}", lambda t: _LIST[1](t) and kind[1](t.value_type)
 
 
+_STRINGS, _INTEGERS = _list_of(_STRING, "strings"), _list_of(_INTEGER, "integers")
 COLUMNS: Dict[str, Dict[str, Kind]] = {
-    "vqav2": {"image": _BINARY, "questions": _list_of(_STRING), "question_id": _list_of(_INTEGER), "image_id": _ANY,
+    "vqav2": {"image": _BINARY, "questions": _STRINGS, "question_id": _INTEGERS, "image_id": _ANY,
               "answers": _LIST, "answer_labels": _LIST, "answer_scores": _LIST},
-    "coco": {"image": _BINARY, "caption": _list_of(_STRING), "image_id": _ANY},
-    "nlvr2": {"image_0": _BINARY, "image_1": _BINARY, "questions": _list_of(_STRING), "answers": _list_of(_STRING),
+    "coco": {"image": _BINARY, "caption": _STRINGS, "image_id": _ANY},
+    "nlvr2": {"image_0": _BINARY, "image_1": _BINARY, "questions": _STRINGS, "answers": _STRINGS,
               "identifier": _STRING},
-    "vqav2 official annotations": {"question_id": _INTEGER, "answers": _list_of(_STRING), "answer_type": _STRING,
+    "vqav2 official annotations": {"question_id": _INTEGER, "answers": _STRINGS, "answer_type": _STRING,
                                    "question_type": _STRING},
 }
 COLUMNS["f30k"] = COLUMNS["coco"]
