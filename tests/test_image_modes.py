@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.data.image import decode_image, load_image, to_rgb
+from engine.data import image as images
+from engine.data.image import decode_image, load_image
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -43,7 +44,7 @@ def test_every_wide_integer_mode_is_scaled_alike(mode: str) -> None:
     if mode != "I":
         image = Image.frombytes(mode, image.size, np.array(LEVELS_16, dtype=">u2" if mode.endswith("B")
                                                           else "<u2").tobytes())
-    assert np.asarray(to_rgb(image))[0, :, 0].tolist() == SHOWN_16
+    assert np.asarray(images.to_rgb(image))[0, :, 0].tolist() == SHOWN_16
 
 
 def test_float_tiff_is_read_as_intensities() -> None:
@@ -69,7 +70,7 @@ def test_transparency_shows_the_white_background_in_every_alpha_mode() -> None:
     gray_keyed = Image.fromarray(np.array([[0, 90]], dtype=np.uint8), "L")  # tRNS: level 0 is transparent
     assert rgb(encoded(gray_keyed, "PNG", transparency=0))[0, :, 0].tolist() == [255, 90]
     premultiplied = Image.fromarray(np.array([[[0, 0, 0, 0]]], dtype=np.uint8), "RGBA").convert("RGBa")
-    assert np.asarray(to_rgb(premultiplied)).tolist() == [[[255, 255, 255]]]
+    assert np.asarray(images.to_rgb(premultiplied)).tolist() == [[[255, 255, 255]]]
 
 
 def test_cmyk_and_lab_give_their_colour() -> None:
@@ -77,7 +78,7 @@ def test_cmyk_and_lab_give_their_colour() -> None:
     assert np.abs(rgb(encoded(cmyk, "JPEG", quality=95)) - [255, 0, 0]).max() <= 3
     assert np.abs(rgb(encoded(cmyk, "TIFF")) - [255, 0, 0]).max() == 0
     lab = Image.new("LAB", (2, 2), (255, 128, 128))  # L 100, a = b = 0: white
-    assert np.asarray(to_rgb(lab)).min() >= 250
+    assert np.asarray(images.to_rgb(lab)).min() >= 250
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "P", "1"])

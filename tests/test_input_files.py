@@ -17,7 +17,8 @@ from _run import invoke_refused, shard_here
 from engine.data.datasets import KarpathyImageDataset, NLVR2Dataset, VQADataset
 from engine.data.raw import DataError
 from engine.data.text import DEFAULT_VOCAB, TextTokenizer
-from engine.tasks.results import read_identity, read_results
+from engine.tasks import results
+from engine.tasks.results import read_results
 from engine.vqa import main as vqa_main
 
 ARROW = GOLDEN / "vqav2_arrow_published"
@@ -154,7 +155,7 @@ def test_engine_vqa_refuses_an_arrow_file_of_another_dataset_in_one_line(shards:
 def test_a_results_file_records_what_it_holds_and_refuses_every_other_run(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
     run_vqa(*vqa_args(shards, out))
-    identity = read_identity(out)
+    identity = results.read_identity(out)
     assert (identity["task"], identity["split"], identity["dtype"]) == ("vqa", "val", "fp32")
     assert identity["dataset"]["file"] == "vqav2_val.arrow" and len(read_results(out)) == 4
     assert {"checkpoint", "answers", "tokenizer"} <= set(identity)
@@ -182,7 +183,7 @@ def test_a_results_file_records_what_it_holds_and_refuses_every_other_run(shards
                        "pass a new --out")
     assert len(read_results(out)) == 4
     run_vqa(*vqa_args(shards, out, "--limit", 6))  # the same run continues
-    assert len(read_results(out)) == 6 and read_identity(out) == identity
+    assert len(read_results(out)) == 6 and results.read_identity(out) == identity
 
 
 def _point_at_another_source(shard_dir: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from _paths import GOLDEN
-from engine.options import NumberList
+from engine import options
 
 ARROW = GOLDEN / "vqav2_arrow_published"
 # (module, arguments with {out} where the output goes, the option, whether it names a folder). Every input is
@@ -92,7 +92,7 @@ def test_every_numeric_option_of_every_command_has_a_range() -> None:
                  if isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))
                  and not isinstance(p.type, click.types._NumberRangeBase)]
     assert unbounded == []
-    lists = [p for c in found for p in c.params if isinstance(p.type, NumberList)]
+    lists = [p for c in found for p in c.params if isinstance(p.type, options.NumberList)]
     assert lists and all(p.type.low is not None for p in lists)
 
 
