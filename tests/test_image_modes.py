@@ -3,7 +3,6 @@ that carry them; 8-bit RGB, grayscale and palette images stay exactly `convert("
 from __future__ import annotations
 
 import io
-from typing import List
 
 import numpy as np
 import pytest

@@ -122,8 +122,8 @@ def test_arrow_files_of_another_schema_are_refused_naming_the_file_and_the_colum
     shutil.copy(coco, data / "vqav2_val.arrow")  # a captions file where questions are expected
     shutil.copy(ARROW / "vqav2_val.arrow", data / "nlvr2_dev.arrow")
     shutil.copy(ARROW / "vqav2_val.arrow", data / "coco_caption_karpathy_test.arrow")
-    with pytest.raises(DataError, match=rf"vqav2_val.arrow: not a vqav2 arrow file \(no column questions, "
-                                        rf"question_id, answers, answer_labels, answer_scores; it has: image, caption"):
+    with pytest.raises(DataError, match=r"vqav2_val.arrow: not a vqav2 arrow file \(no column questions, "
+                                        r"question_id, answers, answer_labels, answer_scores; it has: image, caption"):
         VQADataset(data, "val", TextTokenizer(), 64)
     with pytest.raises(DataError, match="nlvr2_dev.arrow: not a nlvr2 arrow file .no column image_0, image_1, "
                                         "identifier; answers is list<item: list<item: string>>, not a list of "

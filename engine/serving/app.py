@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..runtime.families import ModelConfig
+from ..models import ModelConfig
 from .batcher import Batcher, Job, QueueFull, Result, Unavailable
 from .metrics import ServerMetrics
 from .middleware import RETRY_AFTER, BodyLimit, Counted, error_response
@@ -30,7 +30,7 @@ from .runner import Runner
 from .schema import (REQUEST_MODELS, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse, ErrorBody,
                      HealthBody, ModelList, NLVR2Form, NLVR2Request, NLVR2Response, VQAForm, VQARequest, VQAResponse,
                      errors, request_body, request_schemas)
-from .tasks import IMAGE_EMBEDDING, NLVR2, VQA
+from ..models.tasks import IMAGE_EMBEDDING, NLVR2, VQA
 
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/vqa", "/v1/chat/completions", "/v1/embeddings",
              "/v1/nlvr2", "/openapi.json", "/docs")

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import click
 
+from ..models import ModelConfig, family_of
 from ..data.raw import DataError
-from ..data.spm import SentencePieceTokenizer
-from ..data.text import TextTokenizer
-from ..runtime.families import ModelConfig
-
-Tokenizer = Union[TextTokenizer, SentencePieceTokenizer]
+from ..models.base import Tokenizer
 
 
 def tokenizer_option(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,20 +21,9 @@ def tokenizer_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_tokenizer(cfg: ModelConfig, tokenizer_path: Optional[Path], vocab: Optional[Path]) -> Tokenizer:
     """The tokenizer for checkpoints of cfg's family, padding to its text length, checked against the checkpoint."""
-    tokenizer = _family_tokenizer(cfg, tokenizer_path, vocab)
+    tokenizer = family_of(cfg).tokenizer(cfg, tokenizer_path, vocab)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise DataError(f"{tokenizer.file}: gives token ids up to {tokenizer.vocab_size - 1} but the checkpoint's "
                         f"text embedding has {cfg.vocab_size} rows (ids 0 to {cfg.vocab_size - 1}): pass the "
                         f"tokenizer the checkpoint was trained with")
     return tokenizer
-
-
-def _family_tokenizer(cfg: ModelConfig, tokenizer_path: Optional[Path], vocab: Optional[Path]) -> Tokenizer:
-    if cfg.family == "beit3":
-        if tokenizer_path is None:
-            raise DataError("BEiT-3 checkpoints read text through the SentencePiece model they were trained with: "
-                            "pass --tokenizer beit3.spm")
-        return SentencePieceTokenizer(tokenizer_path, cfg.max_text_len)
-    if tokenizer_path is not None and vocab is not None:
-        raise DataError("pass the WordPiece vocabulary once, with --tokenizer or --vocab")
-    return TextTokenizer(tokenizer_path or vocab, cfg.max_text_len)
