@@ -35,7 +35,8 @@ class NumberList(click.ParamType):
             numbers = [self.kind(v) for v in str(value).split()]
         except ValueError:
             self.fail(f"expected space-separated {self.kind.__name__}s, got {value!r}", param, ctx)
-        bad = [n for n in numbers if (self.low is not None and n < self.low) or (self.high is not None and n > self.high)]
+        bad = [n for n in numbers
+               if (self.low is not None and n < self.low) or (self.high is not None and n > self.high)]
         if not numbers or bad:
             self.fail(f"expected {self.kind.__name__}s in [{self.low}, {self.high if self.high is not None else 'inf'}]"
                       f", got {value!r}", param, ctx)

@@ -3,10 +3,10 @@
 
 8-bit RGB, grayscale and palette images convert exactly as the published pipeline's `convert("RGB")` does (the
 golden outputs depend on it). Other modes, which `convert("RGB")` gets wrong, are mapped as a viewer shows them:
-16-bit grayscale (modes I;16* and I, which Pillow gives it) scaled to 8 bits (convert would saturate it to white), float grayscale read as
-intensities in [0, 1] (or 0-255 when it goes above 1), transparency composited over white (convert would drop the
-alpha and show whatever colour hides under transparent pixels), CMYK through its embedded ICC profile when it has
-one.
+16-bit grayscale (modes I;16* and I, which Pillow gives it) scaled to 8 bits (convert would saturate it to white),
+float grayscale read as intensities in [0, 1] (or 0-255 when it goes above 1), transparency composited over white
+(convert would drop the alpha and show whatever colour hides under transparent pixels), CMYK through its embedded
+ICC profile when it has one.
 """
 from __future__ import annotations
 

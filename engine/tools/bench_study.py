@@ -211,7 +211,8 @@ def _axes(ax: Any, title: str, y_label: str, batches: Sequence[int]) -> None:
 @click.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True)
 @click.option("--cache", type=click.Path(path_type=Path), default=Path(".cache/bench"), show_default=True)
-@click.option("--tps", type=NumberList(int, 1), default="1 2", show_default=True, help="Tensor-parallel degrees, space-separated.")
+@click.option("--tps", type=NumberList(int, 1), default="1 2", show_default=True,
+              help="Tensor-parallel degrees, space-separated.")
 @click.option("--batches", type=NumberList(int, 1), default="1 4 8", show_default=True)
 @click.option("--dtypes", default="fp32 bf16", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
