@@ -25,7 +25,8 @@ def _plan_help() -> str:
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
               help="Published VLMo (.pt / .ckpt) or BEiT-3 (.pth) checkpoint. Read without executing any pickle "
                    "code.")
-@click.option("--tp", required=True, type=click.IntRange(min=1), help="Tensor-parallel degree: number of shards to cut.")
+@click.option("--tp", required=True, type=click.IntRange(min=1),
+              help="Tensor-parallel degree: number of shards to cut.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--num-heads", type=click.IntRange(min=1),
               help="Attention heads, when the checkpoint cannot tell (VLMo without a relative table; BEiT-3 of an "
