@@ -291,9 +291,8 @@ def _write(out: Path, source: Source, engine: Engine, kind: str, existing: Optio
         if vector is None:
             failed[record["sha256"]] = record["image_error"]
             continue
-        item = {"path": record["name"], "size": record["size"], "mtime_ns": record["mtime_ns"],
-                "sha256": record["sha256"],
-                "format": record["format"], "row": record["locator"] if isinstance(record["locator"], int) else -1,
+        item = {"path": record["name"], **source.where(record["locator"]), "size": record["size"],
+                "mtime_ns": record["mtime_ns"], "sha256": record["sha256"], "format": record["format"],
                 "duplicates": []}
         by_sha[record["sha256"]] = item
         new_items.append((item, vector))

@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import pyarrow.compute as pc
 
@@ -54,6 +54,9 @@ class FolderSource:
     def read(self, locator: Locator) -> bytes:
         with open(locator, "rb") as handle:
             return handle.read()
+
+    def where(self, locator: Locator) -> Dict[str, Any]:
+        return {"file": str(locator), "row": -1}
 
     def entries(self) -> Tuple[List[Entry], List[Skipped]]:
         """Files in path order (each folder's entries sorted by name), and what was not indexed, with why."""
@@ -126,6 +129,9 @@ class ArrowSource:
 
     def read(self, locator: Locator) -> bytes:
         return self._table.value("image", int(locator))
+
+    def where(self, locator: Locator) -> Dict[str, Any]:
+        return {"file": str(self.file.resolve()), "row": int(locator)}
 
     def entries(self) -> Tuple[List[Entry], List[Skipped]]:
         table = self._table.table

@@ -4,7 +4,7 @@
 | --- | --- |
 | `index.json` | format and version, the kind of FAISS index and its search parameters, the vector width and count, the checkpoint's identity (source sha256, file, family, image size), where the images came from, counts, the measured recall of an approximate kind |
 | `vectors.faiss` | the FAISS index (inner product of L2-normalised embeddings); vector i is image id i |
-| `items.arrow` | one row per id: `path` (what results show: a file's absolute path, an arrow row's image_id), `size`, `mtime_ns`, `sha256`, `format` (Pillow's), `row` (the arrow row, -1 for a file), `duplicates` (other paths with the same bytes, not embedded again) |
+| `items.arrow` | one row per id: `path` (what results show: a file's absolute path, an arrow row's image_id), `file` and `row` (where the bytes are: the image file and -1, or the arrow file and its row), `size`, `mtime_ns`, `sha256`, `format` (Pillow's), `duplicates` (other paths with the same bytes, not embedded again) |
 | `not_indexed.arrow` | `path`, `reason`: every file found that is not in the index (not an image, empty, truncated, a symbolic link loop, ...) |
 
 The folder is written whole under a temporary name and renamed into place (engine.atomic): a reader sees the old
@@ -12,6 +12,7 @@ index or the new one. An unfinished build keeps its embeddings beside it, in `.N
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ HNSW_EF_SEARCH = 64
 RECALL_K = 10
 RECALL_SAMPLE = 1000
 
-ITEM_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sha256", pa.string()),
-                         ("format", pa.string()), ("row", pa.int64()), ("duplicates", pa.list_(pa.string()))])
+ITEM_SCHEMA = pa.schema([("path", pa.string()), ("file", pa.string()), ("row", pa.int64()), ("size", pa.int64()),
+                         ("mtime_ns", pa.int64()), ("sha256", pa.string()), ("format", pa.string()),
+                         ("duplicates", pa.list_(pa.string()))])
 NOT_INDEXED_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string())])
 
 
@@ -118,6 +120,10 @@ def recall_vs_exact(index: faiss.Index, vectors: np.ndarray, sample: int = RECAL
     return {"recall_at": k, "recall": hits / (k * len(queries)), "queries": len(queries)}
 
 
+class ChangedImage(LookupError):
+    """An indexed image whose file is gone or holds other bytes now."""
+
+
 @dataclass
 class Store:
     """An index opened for searching."""
@@ -132,6 +138,21 @@ class Store:
 
     def item(self, ident: int) -> Dict[str, Any]:
         return self.items.slice(ident, 1).to_pylist()[0]
+
+    def image_bytes(self, ident: int) -> bytes:
+        """The indexed bytes of image `ident`; ChangedImage when its file no longer holds them."""
+        item = self.item(ident)
+        try:
+            if item["row"] < 0:
+                data = Path(item["file"]).read_bytes()
+            else:
+                data = read_table(Path(item["file"])).column("image")[item["row"]].as_py()
+        except (OSError, DataError, IndexError) as exc:
+            raise ChangedImage(f"image {ident} ({item['path']}) cannot be read any more: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+        if hashlib.sha256(data).hexdigest() != item["sha256"]:
+            raise ChangedImage(f"image {ident} ({item['path']}) changed since it was indexed")
+        return data
 
     def search(self, queries: np.ndarray, k: int) -> List[List[Dict[str, Any]]]:
         """The top-k images of each query (float32 [Q, D]): id, path and score (inner product), best first."""
