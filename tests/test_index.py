@@ -3,6 +3,8 @@
 resumes with each image once, `add`, approximate kinds, and what is refused."""
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import os
 import shutil
@@ -226,7 +228,7 @@ def test_a_killed_build_resumes_and_ends_with_each_image_once(shards: dict, tmp_
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(100):
+    for i in range(60):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photos / f"{i:03d}.png")
     args = ["build", "--shards", shards[1], "--images", photos, "--out", tmp_path / "index", "--device", "cpu",
             "--batch-size", 1, "--chunk-size", 5, "--num-workers", 0]
@@ -246,11 +248,14 @@ def test_a_killed_build_resumes_and_ends_with_each_image_once(shards: dict, tmp_
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     assert not (tmp_path / "index").exists()  # nothing that looks like an index
+    other = tmp_path / "other"
+    shard_here(GOLDEN / "tiny_relpos_irtr" / "checkpoint.pt", 1, other)
+    invoke_refused(index_main, [*args, "--shards", other], "holds an interrupted build", "rerun that command")
     result = CliRunner().invoke(index_main, [str(a) for a in [*args, "--batch-size", 10]])  # the last one counts
     assert result.exit_code == 0, result.output
     assert "continuing the interrupted build" in result.output
     embedded = int(result.stdout.split("embedded ")[1].split()[0])
-    assert 0 < embedded <= 100 - 15
+    assert 0 < embedded <= 60 - 15
     resumed = open_store(tmp_path / "index").items.column("path").to_pylist()
     assert sorted(resumed) == sorted(str(p) for p in photos.iterdir())  # each image once
     fresh = tmp_path / "fresh"
@@ -308,3 +313,93 @@ def test_a_query_through_another_checkpoint_and_bad_arguments_are_refused(folder
     invoke_refused(index_main, ["build", "--shards", vqa, "--images", photos, "--out", tmp_path / "y"],
                    "no retrieval head")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ---------------------------------------------------------------- engine.serve --index
+
+
+@pytest.fixture(scope="module")
+def server(coco: dict, shards: dict):
+    from _serve import Server
+
+    running = Server(2, ["--shards", shards[2], "--index", coco["index"], "--dtype", "fp32", "--max-wait-ms", 50])
+    yield running
+    running.kill()
+
+
+def test_search_over_http_answers_as_the_cli_does(server, coco: dict) -> None:
+    from _vqa_requests import b64
+
+    for line in coco["results"][:4]:
+        status, _, reply = server.post_json("/v1/search", {"text": line["query"]["text"], "top_k": 10})
+        assert status == 200, reply
+        assert [(r["id"], r["path"]) for r in reply["results"]] == [(r["id"], r["path"]) for r in line["results"]]
+        assert [r["score"] for r in reply["results"]] == pytest.approx([r["score"] for r in line["results"]],
+                                                                       abs=1e-5)
+        assert reply["latency_ms"] > 0
+    status, _, reply = server.post_json("/v1/search", {"image": b64(coco["image"].read_bytes()), "top_k": 3})
+    assert status == 200, reply
+    assert [r["id"] for r in reply["results"]] == [r["id"] for r in coco["results"][-1]["results"][:3]]
+    status, _, reply = server.post_json("/v1/search", {"text": "a red circle"})
+    assert status == 200 and len(reply["results"]) == 10  # the default top_k
+
+
+def test_only_indexed_images_are_served_by_id(server, coco: dict) -> None:
+    [best] = server.post_json("/v1/search", {"text": coco["captions"][0][0], "top_k": 1})[2]["results"]
+    status, kind, raw = _get_bytes(server, f"/v1/images/{best['id']}")
+    assert (status, kind) == (200, "image/jpeg") and raw == (RAW / "val2014" / best["path"]).read_bytes()
+    status, kind, small = _get_bytes(server, f"/v1/images/{best['id']}?max_side=32")
+    thumbnail = Image.open(io.BytesIO(small))
+    assert (status, kind, thumbnail.format) == (200, "image/jpeg", "JPEG") and max(thumbnail.size) <= 32
+    for path in ("/v1/images/12", "/v1/images/999999", "/v1/images/-1", "/v1/images/abc",
+                 "/v1/images/..%2F..%2Fetc%2Fpasswd", f"/v1/images/{RAW / 'val2014' / best['path']}"):
+        status, _, reply = server.get(path)
+        assert status == 404 and "error" in reply, (path, reply)
+    status, _, reply = server.get(f"/v1/images/{best['id']}?max_side=0")
+    assert status == 400 and "max_side" in reply["error"]
+    for body in ({}, {"text": "a", "image": "b"}, {"text": ""}, {"text": "a", "top_k": 0}, {"image": "not base64!"}):
+        status, _, reply = server.post_json("/v1/search", body)
+        assert status == 400 and "error" in reply, (body, reply)
+
+
+def _get_bytes(server, path: str) -> tuple:
+    """(status, content type, body) of a GET whose body is not text."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.getheader("content-type"), response.read()
+    finally:
+        conn.close()
+
+
+def test_the_search_page_in_a_headless_browser_shows_thumbnails_in_score_order(server, coco: dict) -> None:
+    from _browser import Browser, find_browser
+
+    executable = find_browser()
+    if executable is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's `chromium` package)")
+    caption = coco["captions"][7][0]
+    browser = Browser(executable)
+    try:
+        tab = browser.open(server.url + "/search")
+        tab.evaluate(f"document.getElementById('query').value = {json.dumps(caption)};"
+                     "document.getElementById('top_k').value = '5'; document.getElementById('submit').click()")
+        shown = json.loads(tab.wait_for(
+            "document.querySelectorAll('#results figure.result').length === 5 && "
+            "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0) && "
+            "JSON.stringify([...document.querySelectorAll('#results figure.result')].map(f => [Number(f.dataset.id), "
+            "f.querySelector('.path').textContent, parseFloat(f.querySelector('.score').textContent)]))"))
+    finally:
+        browser.close()
+    _, _, reply = server.post_json("/v1/search", {"text": caption, "top_k": 5})
+    assert [(i, p) for i, p, _ in shown] == [(r["id"], r["path"]) for r in reply["results"]]
+    assert [s for _, _, s in shown] == pytest.approx([round(r["score"], 4) for r in reply["results"]], abs=1e-4)
+
+
+def test_serve_refuses_an_index_of_another_checkpoint_in_one_line(coco: dict, tmp_path: Path) -> None:
+    from engine.serve import main as serve_main
+
+    other = tmp_path / "other"
+    shard_here(GOLDEN / "tiny_relpos_irtr" / "checkpoint.pt", 1, other)
+    invoke_refused(serve_main, ["--shards", other, "--index", coco["index"], "--port", 0], "was built with checkpoint")

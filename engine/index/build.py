@@ -162,7 +162,8 @@ def prepare_work(out: Path, op: str, identity: Dict[str, Any], source: Source) -
     """Rank 0, before loading: the work folder of `out`, refusing one an interrupted run left with other settings."""
     folder = work_dir(out)
     state = {"op": op, "checkpoint": identity, "source": source.describe()}
-    if (folder / STATE).is_file():
+    started = any(folder.glob("chunk-*")) or (folder / HASHES).exists()  # else nothing to lose: start afresh
+    if started and (folder / STATE).is_file():
         before = json.loads((folder / STATE).read_text())
         if before != state:
             raise UsageError(f"{folder} holds an interrupted {before.get('op')} of {out} from "
