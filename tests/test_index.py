@@ -171,6 +171,8 @@ def test_a_folder_is_indexed_with_the_golden_embeddings_and_every_faulty_file_li
         assert words in reasons[name], (name, reasons[name])
     assert "4 images (flat), 1 duplicate files, 7 files not indexed" in folder_index["out"]
     assert all(f"not indexed: {photos / name}" in folder_index["out"] for name in reasons)
+    described = json.loads(invoke("info", "--index", index, "--json"))
+    assert described["not_indexed"] == not_indexed(index) and described["count"] == 4
 
 
 def test_add_embeds_only_new_images_and_keeps_the_ids(folder_index: dict, shards: dict, tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
     build   embed every image of a folder (or of a benchmark split's arrow file) into a new index
     add     embed the images of a folder (or split) that an index does not hold yet, and add them
     search  the top-k images of each text or image query, with their scores
+    info    what an index holds, and every file that is not in it with the reason
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -19,9 +21,9 @@ from ..tasks.tokenizers import make_tokenizer, tokenizer_option
 from .build import Outcome, Source, prepare_work, run_build
 from .search import embed_queries, print_results, read_query_images, read_query_texts
 from .sources import ArrowSource, FolderSource
-from .store import KINDS, Store, check_checkpoint, checkpoint_identity, open_store, read_meta, work_dir
+from .store import KINDS, Store, check_checkpoint, checkpoint_identity, not_indexed, open_store, read_meta, work_dir
 
-SHOWN_SKIPPED = 20  # files not indexed printed at the end; all are in not_indexed.arrow
+SHOWN_SKIPPED = 100  # files not indexed printed at the end of a build; `info` prints them all
 
 
 def _is_rank0() -> bool:
@@ -94,7 +96,8 @@ def _report(out: Path, kind: str, outcome: Outcome, tp: int, dp: int) -> None:
     for skipped in outcome.skipped[:SHOWN_SKIPPED]:
         click.echo(f"  not indexed: {skipped['path']}: {skipped['reason']}")
     if len(outcome.skipped) > SHOWN_SKIPPED:
-        click.echo(f"  ... and {len(outcome.skipped) - SHOWN_SKIPPED} more, listed in {out / 'not_indexed.arrow'}")
+        click.echo(f"  ... and {len(outcome.skipped) - SHOWN_SKIPPED} more: `python -m engine.index info --index {out}` "
+                   f"lists them all")
     rate = outcome.embedded / outcome.embed_s if outcome.embed_s and outcome.embedded else 0.0
     click.echo(f"  embedded {outcome.embedded} images in {outcome.embed_s:.1f} s ({rate:.2f} images/s, tp {tp} x dp {dp})")
     if outcome.recall:
@@ -183,6 +186,29 @@ def search(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional
         return
     queries: List[Dict[str, Any]] = [{"text": t} for t in query_texts] + [{"image": str(p)} for p in images]
     print_results(store, queries, store.search(vectors, top_k), as_json)
+
+
+@main.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="The index to describe.")
+@click.option("--json", "as_json", is_flag=True, help="index.json and the files not indexed, as one JSON object.")
+@one_line_errors
+def info(index_dir: Path, as_json: bool) -> None:
+    """What the index holds (count, kind, checkpoint, sources, measured recall) and every file not indexed, with why."""
+    meta, skipped = read_meta(index_dir), not_indexed(index_dir)
+    if as_json:
+        click.echo(json.dumps({**meta, "not_indexed": skipped}, ensure_ascii=False, indent=1))
+        return
+    checkpoint = meta["checkpoint"]
+    click.echo(f"index {index_dir}: {meta['count']} images ({meta['kind']}, {meta['dim']}-d), {meta['duplicates']} "
+               f"duplicate files, {len(skipped)} files not indexed")
+    click.echo(f"  checkpoint {checkpoint['file'] or '?'} ({checkpoint['family']}, sha256 {checkpoint['sha256']})")
+    for source in meta["sources"]:
+        click.echo(f"  from {source.get('images') or source.get('data')}")
+    if meta.get("recall_vs_exact"):
+        recall = meta["recall_vs_exact"]
+        click.echo(f"  recall@{recall['recall_at']} against exact search: {recall['recall']:.4f}")
+    for item in skipped:
+        click.echo(f"  not indexed: {item['path']}: {item['reason']}")
 
 
 if __name__ == "__main__":

@@ -313,6 +313,7 @@ def _write(out: Path, source: Source, engine: Engine, kind: str, existing: Optio
         indexed = {item["path"] for item, _ in new_items}
         merged = {s["path"]: s for s in not_indexed(existing.path) + skipped}
         skipped = [s for path, s in merged.items() if path not in indexed]
+    skipped.sort(key=lambda s: s["path"])
     fresh = np.stack([v for _, v in new_items]).astype(np.float32) if new_items else None
     index = _vectors(kind, existing, fresh)
     recall = ({**recall_vs_exact(index, all_vectors(index)), "params": search_params(index)}
