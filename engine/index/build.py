@@ -188,13 +188,15 @@ def hash_entries(engine: Engine, source: Source, entries: List[Entry], folder: O
     ctx = engine.ctx
     cached: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
     if ctx.is_main and existing is not None:
-        cached = {(r["path"], r["size"], r["mtime_ns"]): {**r, "error": None} for r in existing.items.to_pylist()}
+        cached = {(r["path"], r["size"], r["mtime_ns"]): {"name": r["path"], "size": r["size"], "mtime_ns": r["mtime_ns"],
+                                                          "sha256": r["sha256"], "format": r["format"], "error": None}
+                  for r in existing.items.to_pylist()}
     if ctx.is_main and folder is not None and (folder / HASHES).is_file():
         cached.update({(r["name"], r["size"], r["mtime_ns"]): r for r in read_table(folder / HASHES).to_pylist()})
     known = [cached.get((e.name, e.size, e.mtime_ns)) for e in entries] if ctx.is_main else []
     todo = broadcast_object(ctx, [i for i, r in enumerate(known) if r is None] if ctx.is_main else None)
     found: List[Record] = []
-    evaluate(ctx, HashDataset(source, entries), todo, lambda batch: _rows(batch), batch_size=batch_size,
+    evaluate(ctx, HashDataset(source, entries), todo, _rows, batch_size=batch_size,
              num_workers=num_workers, on_records=found.extend, label="hashing", unit="files")
     if not ctx.is_main:
         return []
@@ -208,6 +210,7 @@ def hash_entries(engine: Engine, source: Source, entries: List[Entry], folder: O
 
 
 def _rows(batch: Dict[str, Any]) -> List[Record]:
+    """A collated batch of plain values back into one record per item."""
     keys = list(batch)
     return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
 
@@ -276,39 +279,10 @@ def _write(out: Path, source: Source, engine: Engine, kind: str, existing: Optio
            hashes: Sequence[Dict[str, Any]], walk_skipped: Sequence[Skipped], chunks: Chunks,
            embed_s: float) -> Outcome:
     """Rank 0: the index from the chunks (and, for add, the existing index), written whole; the work folder goes."""
-    records, vectors = chunks.read()
     items: List[Dict[str, Any]] = existing.items.to_pylist() if existing else []
     by_sha = {item["sha256"]: item for item in items}
-    failed: Dict[str, str] = {}
-    present = {h["sha256"] for h in hashes}
-    new_items, new_vectors = [], []
-    position = 0
-    for record in records:
-        vector = None
-        if "image_error" not in record:
-            vector, position = vectors[position], position + 1
-        if record["sha256"] in by_sha or record["sha256"] not in present:
-            continue  # embedded before a rerun found it in the index, or gone from the source since
-        if vector is None:
-            failed[record["sha256"]] = record["image_error"]
-            continue
-        item = {"path": record["name"], **source.where(record["locator"]), "size": record["size"],
-                "mtime_ns": record["mtime_ns"], "sha256": record["sha256"], "format": record["format"],
-                "duplicates": []}
-        by_sha[record["sha256"]] = item
-        new_items.append((item, vector))
-    new_items.sort(key=lambda pair: pair[0]["path"])
-    skipped = [{"path": s.name, "reason": s.reason} for s in walk_skipped]
-    known_paths = {item["path"] for item in items} | {p for item in items for p in item["duplicates"]}
-    duplicates = 0
-    for entry, found in zip(entries, hashes):
-        if found["error"] is not None:
-            skipped.append({"path": entry.name, "reason": found["error"]})
-        elif found["sha256"] in failed:
-            skipped.append({"path": entry.name, "reason": failed[found["sha256"]]})
-        elif entry.name not in known_paths and by_sha[found["sha256"]]["path"] != entry.name:
-            by_sha[found["sha256"]]["duplicates"].append(entry.name)
-            duplicates += 1
+    new_items, failed = _new_items(chunks, source, entries, hashes, by_sha)
+    skipped, duplicates = _sort_out(entries, hashes, walk_skipped, items, by_sha, failed)
     if existing:  # the earlier list, less what is indexed now, updated by this walk
         indexed = {item["path"] for item, _ in new_items}
         merged = {s["path"]: s for s in not_indexed(existing.path) + skipped}
@@ -327,6 +301,55 @@ def _write(out: Path, source: Source, engine: Engine, kind: str, existing: Optio
     shutil.rmtree(chunks.folder, ignore_errors=True)
     return Outcome(embedded=chunks.embedded, images=int(index.ntotal), duplicates=duplicates, skipped=skipped,
                    embed_s=embed_s, recall=recall)
+
+
+def _new_items(chunks: Chunks, source: Source, entries: Sequence[Entry], hashes: Sequence[Dict[str, Any]],
+               by_sha: Dict[str, Dict[str, Any]]) -> Tuple[List[Tuple[Dict[str, Any], np.ndarray]], Dict[str, str]]:
+    """The chunks' embedded images still in the source and not in the index (in path order, each with its vector;
+    added to `by_sha`), and the reason of each content that failed to decode."""
+    records, vectors = chunks.read()
+    first: Dict[str, Entry] = {}  # each content's first entry in this walk
+    for entry, found in zip(entries, hashes):
+        first.setdefault(found["sha256"], entry)
+    names = {entry.name for entry in entries}
+    new_items, failed, position = [], {}, 0
+    for record in records:
+        vector = None
+        if "image_error" not in record:
+            vector, position = vectors[position], position + 1
+        sha = record["sha256"]
+        if sha in by_sha or sha not in first:
+            continue  # in the index already, or gone from the source since it was embedded
+        if vector is None:
+            failed[sha] = record["image_error"]
+            continue
+        # an image renamed since an interrupted run embedded it is listed under its name now
+        entry = first[sha] if record["name"] not in names else None
+        item = {"path": entry.name if entry else record["name"],
+                **source.where(entry.locator if entry else record["locator"]),
+                "size": record["size"], "mtime_ns": entry.mtime_ns if entry else record["mtime_ns"], "sha256": sha,
+                "format": record["format"], "duplicates": []}
+        by_sha[sha] = item
+        new_items.append((item, vector))
+    new_items.sort(key=lambda pair: pair[0]["path"])
+    return new_items, failed
+
+
+def _sort_out(entries: Sequence[Entry], hashes: Sequence[Dict[str, Any]], walk_skipped: Sequence[Skipped],
+              items: Sequence[Dict[str, Any]], by_sha: Dict[str, Dict[str, Any]],
+              failed: Dict[str, str]) -> Tuple[List[Dict[str, str]], int]:
+    """The files not indexed, with why; and each other path of an indexed content recorded as its duplicate."""
+    skipped = [{"path": s.name, "reason": s.reason} for s in walk_skipped]
+    known_paths = {item["path"] for item in items} | {p for item in items for p in item["duplicates"]}
+    duplicates = 0
+    for entry, found in zip(entries, hashes):
+        item = by_sha.get(found["sha256"])
+        if found["error"] is not None or found["sha256"] in failed:
+            skipped.append({"path": entry.name, "reason": found["error"] or failed[found["sha256"]]})
+        elif item is not None and entry.name not in known_paths and item["path"] != entry.name:
+            item["duplicates"].append(entry.name)
+            duplicates += 1
+    return skipped, duplicates
 
 
 def _vectors(kind: str, existing: Optional[Store], fresh: Optional[np.ndarray]) -> Any:

@@ -58,6 +58,7 @@ class SearchIndex:
         except ChangedImage as exc:
             raise RequestError(str(exc), 404) from None
         if max_side is None:
+            Image.init()  # Image.MIME fills as the format plugins load
             return data, Image.MIME.get(str(self.store.item(int(ident))["format"]).upper(), "application/octet-stream")
         low, high = THUMBNAIL_SIDES
         if not max_side.isdigit() or not low <= int(max_side) <= high:
