@@ -382,6 +382,7 @@ def test_the_search_page_in_a_headless_browser_shows_thumbnails_in_score_order(s
     if executable is None:
         pytest.skip("no chromium on this machine (.ci/run installs Debian's `chromium` package)")
     caption = coco["captions"][7][0]
+    assert 'href="/search"' in server.get("/")[2]
     browser = Browser(executable)
     try:
         tab = browser.open(server.url + "/search")

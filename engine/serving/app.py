@@ -128,7 +128,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return page_html(state.model_id, VQA in state.kinds)
+        return page_html(state.model_id, VQA in state.kinds, state.search is not None)
 
     async def image_task(request: Request, files: Sequence[str], text: str, make: Callable,
                          from_json: Callable[[bytes], Prepared]) -> Prepared:
