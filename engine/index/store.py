@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -68,8 +67,19 @@ def check_checkpoint(built_with: Dict[str, Any], manifest: Manifest, index: Path
                          f"pass the shards of the index's checkpoint")
 
 
-def new_faiss(kind: str, vectors: np.ndarray) -> faiss.Index:
+def faiss_module() -> Any:
+    """FAISS, imported where an index is used, so that the rest of the engine runs without it."""
+    try:
+        import faiss
+    except ImportError:
+        raise UsageError("image search needs FAISS: pip install faiss-cpu (the `index` extra, which make install "
+                         "installs)") from None
+    return faiss
+
+
+def new_faiss(kind: str, vectors: np.ndarray) -> Any:
     """A FAISS index of `kind` over `vectors` (float32 [N, D]): exact inner product, IVF or HNSW."""
+    faiss = faiss_module()
     count, dim = vectors.shape
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
@@ -89,8 +99,9 @@ def new_faiss(kind: str, vectors: np.ndarray) -> faiss.Index:
     return index
 
 
-def search_params(index: faiss.Index) -> Dict[str, int]:
+def search_params(index: Any) -> Dict[str, int]:
     """The parameters of an approximate search, for index.json and the printed recall."""
+    faiss = faiss_module()
     if isinstance(index, faiss.IndexIVF):
         return {"nlist": int(index.nlist), "nprobe": int(index.nprobe)}
     if isinstance(index, faiss.IndexHNSW):
@@ -98,17 +109,19 @@ def search_params(index: faiss.Index) -> Dict[str, int]:
     return {}
 
 
-def all_vectors(index: faiss.Index) -> np.ndarray:
+def all_vectors(index: Any) -> np.ndarray:
     """Every stored vector, in id order (the flat kinds store them as they are)."""
+    faiss = faiss_module()
     if isinstance(index, faiss.IndexIVF):
         index.make_direct_map()
     return index.reconstruct_n(0, index.ntotal)
 
 
-def recall_vs_exact(index: faiss.Index, vectors: np.ndarray, sample: int = RECALL_SAMPLE, k: int = RECALL_K,
+def recall_vs_exact(index: Any, vectors: np.ndarray, sample: int = RECALL_SAMPLE, k: int = RECALL_K,
                     seed: int = 0) -> Dict[str, Any]:
     """recall@k of `index` against exact search, with `sample` stored vectors as the queries: the share of each
     query's exact top k that the index also returns."""
+    faiss = faiss_module()
     count = len(vectors)
     k = min(k, count)
     queries = vectors[np.random.default_rng(seed).choice(count, size=min(sample, count), replace=False)]
@@ -130,7 +143,7 @@ class Store:
 
     path: Path
     meta: Dict[str, Any]
-    index: faiss.Index
+    index: Any
     items: pa.Table
 
     def __len__(self) -> int:
@@ -157,7 +170,7 @@ class Store:
     def search(self, queries: np.ndarray, k: int) -> List[List[Dict[str, Any]]]:
         """The top-k images of each query (float32 [Q, D]): id, path and score (inner product), best first."""
         k = min(k, len(self))
-        if isinstance(self.index, faiss.IndexHNSW):
+        if isinstance(self.index, faiss_module().IndexHNSW):
             self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, k)
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         paths = self.items.column("path")
@@ -181,6 +194,8 @@ def read_meta(path: Path) -> Dict[str, Any]:
 
 
 def open_store(path: Path) -> Store:
+    """The index at `path` for searching; a one-line error when it is not one or is damaged."""
+    faiss = faiss_module()
     meta = read_meta(path)
     try:
         index = faiss.read_index(str(Path(path) / VECTORS))
@@ -197,9 +212,10 @@ def not_indexed(path: Path) -> List[Dict[str, str]]:
     return read_table(Path(path) / NOT_INDEXED).to_pylist()
 
 
-def write_store(path: Path, meta: Dict[str, Any], index: faiss.Index, items: Sequence[Dict[str, Any]],
+def write_store(path: Path, meta: Dict[str, Any], index: Any, items: Sequence[Dict[str, Any]],
                 skipped: Sequence[Dict[str, str]]) -> None:
     """Write (or replace) the whole index folder at once."""
+    faiss = faiss_module()
     with atomic_directory(path) as staging:
         faiss.write_index(index, str(staging / VECTORS))
         _write_table(staging / ITEMS, items, ITEM_SCHEMA)
