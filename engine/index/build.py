@@ -225,7 +225,7 @@ def write_table(path: Path, rows: Sequence[Dict[str, Any]], schema: pa.Schema) -
 
 @dataclass
 class Outcome:
-    """What a build or an add did, for the final lines."""
+    """What a build or an add did, for the final lines: this run's embeddings, the index's totals."""
     embedded: int
     images: int
     duplicates: int
@@ -282,7 +282,7 @@ def _write(out: Path, source: Source, engine: Engine, kind: str, existing: Optio
     items: List[Dict[str, Any]] = existing.items.to_pylist() if existing else []
     by_sha = {item["sha256"]: item for item in items}
     new_items, failed = _new_items(chunks, source, entries, hashes, by_sha)
-    skipped, duplicates = _sort_out(entries, hashes, walk_skipped, items, by_sha, failed)
+    skipped = _sort_out(entries, hashes, walk_skipped, items, by_sha, failed)
     if existing:  # the earlier list, less what is indexed now, updated by this walk
         indexed = {item["path"] for item, _ in new_items}
         merged = {s["path"]: s for s in not_indexed(existing.path) + skipped}
@@ -299,7 +299,7 @@ def _write(out: Path, source: Source, engine: Engine, kind: str, existing: Optio
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_store(out, meta, index, items + [item for item, _ in new_items], skipped)
     shutil.rmtree(chunks.folder, ignore_errors=True)
-    return Outcome(embedded=chunks.embedded, images=int(index.ntotal), duplicates=duplicates, skipped=skipped,
+    return Outcome(embedded=chunks.embedded, images=int(index.ntotal), duplicates=meta["duplicates"], skipped=skipped,
                    embed_s=embed_s, recall=recall)
 
 
@@ -337,19 +337,17 @@ def _new_items(chunks: Chunks, source: Source, entries: Sequence[Entry], hashes:
 
 def _sort_out(entries: Sequence[Entry], hashes: Sequence[Dict[str, Any]], walk_skipped: Sequence[Skipped],
               items: Sequence[Dict[str, Any]], by_sha: Dict[str, Dict[str, Any]],
-              failed: Dict[str, str]) -> Tuple[List[Dict[str, str]], int]:
-    """The files not indexed, with why; and each other path of an indexed content recorded as its duplicate."""
+              failed: Dict[str, str]) -> List[Dict[str, str]]:
+    """The files not indexed, with why; each other path of an indexed content is recorded as its duplicate."""
     skipped = [{"path": s.name, "reason": s.reason} for s in walk_skipped]
     known_paths = {item["path"] for item in items} | {p for item in items for p in item["duplicates"]}
-    duplicates = 0
     for entry, found in zip(entries, hashes):
         item = by_sha.get(found["sha256"])
         if found["error"] is not None or found["sha256"] in failed:
             skipped.append({"path": entry.name, "reason": found["error"] or failed[found["sha256"]]})
         elif item is not None and entry.name not in known_paths and item["path"] != entry.name:
             item["duplicates"].append(entry.name)
-            duplicates += 1
-    return skipped, duplicates
+    return skipped
 
 
 def _vectors(kind: str, existing: Optional[Store], fresh: Optional[np.ndarray]) -> Any:
