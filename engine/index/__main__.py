@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import click
 
 from ..options import option_group
+from ..runtime.launch import this_launch
 from ..runtime.shards import read_manifest
 from ..tasks.cli import UsageError, engine_options, one_line_errors, require_head, start_engine
 from ..tasks.tokenizers import make_tokenizer, tokenizer_option
@@ -27,7 +28,7 @@ SHOWN_SKIPPED = 100  # files not indexed printed at the end of a build; `info` p
 
 
 def _is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return this_launch().is_main
 
 
 def source_options(command: Any) -> Any:

@@ -34,7 +34,6 @@ from torch.utils.data import Dataset
 from ..atomic import write_atomic, write_json, write_safetensors
 from ..data.arrow_io import read_table
 from ..data.image import ImageDecodeError, decode_image, square_transform
-from ..runtime.distributed import broadcast_object
 from ..tasks.cli import Engine, UsageError
 from ..tasks.evaluation import Record, evaluate
 from ..tasks.frontend import per_sample_step
@@ -194,7 +193,7 @@ def hash_entries(engine: Engine, source: Source, entries: List[Entry], folder: O
     if ctx.is_main and folder is not None and (folder / HASHES).is_file():
         cached.update({(r["name"], r["size"], r["mtime_ns"]): r for r in read_table(folder / HASHES).to_pylist()})
     known = [cached.get((e.name, e.size, e.mtime_ns)) for e in entries] if ctx.is_main else []
-    todo = broadcast_object(ctx, [i for i, r in enumerate(known) if r is None] if ctx.is_main else None)
+    todo = ctx.broadcast_object([i for i, r in enumerate(known) if r is None] if ctx.is_main else None)
     found: List[Record] = []
     evaluate(ctx, HashDataset(source, entries), todo, _rows, batch_size=batch_size,
              num_workers=num_workers, on_records=found.extend, label="hashing", unit="files")
@@ -242,7 +241,7 @@ def run_build(engine: Engine, source: Source, out: Path, folder: Path, *, kind: 
         entries, walk_skipped = source.entries()
     else:
         entries, walk_skipped = [], []
-    entries = broadcast_object(ctx, entries)
+    entries = ctx.broadcast_object(entries)
     hashes = hash_entries(engine, source, entries, folder if ctx.is_main else None, existing=existing,
                           batch_size=max(batch_size, 64), num_workers=num_workers)
     chunks = Chunks(folder, chunk_size) if ctx.is_main else None
@@ -251,7 +250,7 @@ def run_build(engine: Engine, source: Source, out: Path, folder: Path, *, kind: 
         done, _ = chunks.read()
         indexed = set(existing.items.column("sha256").to_pylist()) if existing else set()
         plan = _plan(entries, hashes, indexed | {r["sha256"] for r in done})
-    plan = broadcast_object(ctx, plan)
+    plan = ctx.broadcast_object(plan)
     step = per_sample_step(lambda t: engine.model.image_features(t["image"].to(ctx.device)), ("path",),
                            lambda batch, i: asdict(plan[batch["item"][i]]),
                            lambda batch, i, row: {"embedding": row.numpy()})

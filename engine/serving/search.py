@@ -18,10 +18,10 @@ from PIL import Image
 
 from ..data.image import decode_image
 from ..index.store import ChangedImage, Store, check_checkpoint, open_store
+from ..models.tasks import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from ..runtime.shards import Manifest
 from .payloads import Prepared, Preprocessor, parse_json, top_k_of
 from .preprocess import RequestError, image_bytes_from_text, image_tensor
-from .tasks import IMAGE_EMBEDDING, TEXT_EMBEDDING
 
 DEFAULT_TOP_K = 10
 THUMBNAIL_SIDES = (16, 2048)  # the range of ?max_side=
