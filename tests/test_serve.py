@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -314,29 +313,21 @@ def test_a_rank_that_dies_or_hangs_fails_pending_requests_with_503_and_the_serve
 
 
 def test_the_web_page_in_a_headless_browser_shows_the_top_5_answers_and_the_latency(server: Server) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is in the test extra (make install)")
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.skip("no chromium on this machine (.ci/run installs Debian's `chromium` package)")
+    from _browser import chromium_page
+
     q = QUESTIONS[3]
     image = RAW / "val2014" / f"COCO_val2014_{q['image_id']:012d}.jpg"
-    with sync_api.sync_playwright() as playwright:
-        # the system Chromium: Playwright never downloads a browser here
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            page.set_input_files("#image", str(image))
-            page.wait_for_selector("#preview", state="visible")
-            page.fill("#question", q["question"])
-            page.click("#submit")
-            page.wait_for_function("document.querySelectorAll('#answers .answer').length === 5")
-            shown = {"rows": page.eval_on_selector_all("#answers .answer", "rows => rows.map(r => ["
-                                                       "r.querySelector('.name').textContent, "
-                                                       "parseFloat(r.querySelector('.fill').style.width)])"),
-                     "latency": page.text_content("#latency")}
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(server.url + "/")
+        page.set_input_files("#image", str(image))
+        page.wait_for_selector("#preview", state="visible")
+        page.fill("#question", q["question"])
+        page.click("#submit")
+        page.wait_for_function("document.querySelectorAll('#answers .answer').length === 5")
+        shown = {"rows": page.eval_on_selector_all("#answers .answer", "rows => rows.map(r => ["
+                                                   "r.querySelector('.name').textContent, "
+                                                   "parseFloat(r.querySelector('.fill').style.width)])"),
+                 "latency": page.text_content("#latency")}
     expected = json.loads(EXPECTED.read_text())["predictions"][str(q["question_id"])]
     _, _, reply = ask_json(server, q)
     assert [name for name, _ in shown["rows"]] == [t["answer"] for t in reply["top_k"]]

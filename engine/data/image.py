@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 # What Pillow's decoders raise on corrupt or hostile data.
 _DECODE_FAILURES = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
@@ -30,11 +30,13 @@ _WIDE_INTEGER = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, 
 _BACKGROUND = (255, 255, 255, 255)  # what shows through transparent pixels
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes (JPEG, PNG, TIFF, ...) of any mode to the RGB image a viewer shows."""
+def decode_image(data: bytes, upright: bool = False) -> Image.Image:
+    """Decode image bytes (JPEG, PNG, TIFF, ...) of any mode to the RGB image a viewer shows; `upright` turns it as
+    its EXIF orientation says (a camera's photo as it is shown; the published evaluation reads the pixels as
+    stored)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image) if upright else image)
     except _DECODE_FAILURES as err:
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {err}") from None
 

@@ -211,6 +211,23 @@ class EmbeddingsResponse(BaseModel):
     vlmo: Timing
 
 
+class SearchRequest(_Open):
+    model_config = _example(text="a red square", top_k=3)
+    text: Optional[str] = Field(None, description="A query text; send this or `image`.")
+    image: Optional[str] = Field(None, description=_IMAGE)
+    top_k: Optional[int] = Field(None, ge=1, description="Images to return [default: 10].")
+
+
+class SearchHit(BaseModel):
+    id: int
+    path: str
+    score: float = Field(description="Inner product of the unit-norm embeddings.")
+
+
+class SearchResponse(Timing):
+    results: List[SearchHit]
+
+
 def errors(*statuses: int) -> Dict[Union[int, str], Dict[str, Any]]:
     """The `responses` of an endpoint's refusals: each status with the error body."""
     why = {400: "Malformed request (the error names the field).", 404: "This checkpoint has no such head.",
@@ -237,4 +254,4 @@ def request_schemas(models: Sequence[Type[BaseModel]]) -> Dict[str, Any]:
     return schemas
 
 
-REQUEST_MODELS = (VQARequest, VQAForm, NLVR2Request, NLVR2Form, ChatRequest, EmbeddingsRequest)
+REQUEST_MODELS = (VQARequest, VQAForm, NLVR2Request, NLVR2Form, ChatRequest, EmbeddingsRequest, SearchRequest)
