@@ -3,6 +3,7 @@ a non-zero exit, nothing read or computed first."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from pathlib import Path
 from typing import List, Sequence
@@ -38,6 +39,8 @@ OUTPUTS = [
     ("engine.tools.bench_study", ["--out", "{out}"], "--out", True),
     ("engine.tools.bench_study", ["--cache", "{out}"], "--cache", True),
     ("engine.data.__main__", ["vqav2", "--root", GOLDEN, "--out", "{out}"], "--out", True),
+    ("engine.index.__main__", ["build", "--shards", "{missing}", "--images", "{missing}", "--out", "{out}"], "--out",
+     True),
 ]
 
 
@@ -71,10 +74,14 @@ def test_every_output_path_is_checked_before_any_work(module: str, args: List[ob
 
 def commands() -> List[click.Command]:
     """Every command line of the project: the entry points, engine.data's subcommands, the tools, sharding's."""
-    modules = ["sharding.__main__", "sharding.verify", "engine.data.__main__"]
+    modules = ["sharding.__main__", "sharding.verify"]
     for package in ("engine", "engine.tools"):
         path = importlib.import_module(package).__path__
-        modules += [f"{package}.{m.name}" for m in pkgutil.iter_modules(path) if not m.ispkg]
+        for module in pkgutil.iter_modules(path):  # a package is a command when it has a __main__ (engine.data)
+            if not module.ispkg:
+                modules.append(f"{package}.{module.name}")
+            elif importlib.util.find_spec(f"{package}.{module.name}.__main__") is not None:
+                modules.append(f"{package}.{module.name}.__main__")
     found = []
     for name in modules:
         main = getattr(importlib.import_module(name), "main", None)
@@ -87,7 +94,7 @@ def commands() -> List[click.Command]:
 
 def test_every_numeric_option_of_every_command_has_a_range() -> None:
     found = commands()
-    assert len(found) >= 15  # the entry points, the tools, engine.data's four writers, sharding's two
+    assert len(found) >= 19  # the entry points, the tools, engine.data's writers, engine.index's verbs, sharding's
     unbounded = [f"{c.name} {p.opts[0]}" for c in found for p in c.params
                  if isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))
                  and not isinstance(p.type, click.types._NumberRangeBase)]

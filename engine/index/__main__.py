@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
+from ..atomic import OutputPathError, writable_folder
 from ..options import option_group
 from ..runtime.launch import this_launch
 from ..runtime.shards import read_manifest
@@ -65,14 +65,13 @@ def make_source(images_dir: Optional[Path], arrow_dir: Optional[Path], dataset: 
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    try:
+        writable_folder(out, "--out", replaced=True)
+    except OutputPathError as exc:
+        raise UsageError(str(exc)) from None
     if out.exists() and not overwrite:
         raise UsageError(f"--out {out} exists: pass --overwrite to replace it, or add images to it with "
                          f"`engine.index add --index {out}`")
-    folder = Path(os.path.abspath(out)).parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise UsageError(f"--out {out}: cannot write in {folder}")
 
 
 def _index(op: str, shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
