@@ -18,30 +18,41 @@ from typing import Dict
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from _paths import GOLDEN, needs
 from _run import _env, shard_here
 from _serve import Server
 from _vqa_requests import ANSWERS, b64, val_questions
+from engine.index.__main__ import main as index_main
 
 CHECKPOINTS = {"vqa": GOLDEN / "tiny_relpos_vqa9" / "checkpoint.pt",
                "nlvr2": GOLDEN / "tiny_relpos_nlvr2" / "checkpoint.pt",
                "irtr": GOLDEN / "tiny_relpos_irtr" / "checkpoint.pt"}
-pytestmark = [needs(path) for path in CHECKPOINTS.values()] + [needs(ANSWERS)]
+COCO = GOLDEN / "coco_arrow_published"
+pytestmark = [needs(path) for path in CHECKPOINTS.values()] + [needs(ANSWERS), needs(COCO)]
 POSTS = ("/v1/vqa", "/v1/chat/completions", "/v1/nlvr2", "/v1/embeddings", "/v1/search")
 GETS = ("/", "/health", "/metrics", "/v1/models", "/search", "/v1/images/{ident}")
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory) -> Dict[str, Server]:
-    """A tp-1 server per head, started side by side (start-up is most of the time)."""
+    """A tp-1 server per head, started side by side (start-up is most of the time); the retrieval one also serves
+    an image index (the search endpoints)."""
     root = tmp_path_factory.mktemp("schema")
     started: Dict[str, object] = {}
+    shard_here(CHECKPOINTS["irtr"], 1, root / "irtr")
+    built = CliRunner().invoke(index_main, ["build", "--shards", str(root / "irtr"), "--data", str(COCO), "--split",
+                                            "test", "--out", str(root / "index"), "--device", "cpu", "--num-workers",
+                                            "0"])
+    assert built.exit_code == 0, built.output
 
     def start(task: str) -> None:
-        shard_here(CHECKPOINTS[task], 1, root / task)
+        if task != "irtr":
+            shard_here(CHECKPOINTS[task], 1, root / task)
         args = ["--shards", root / task, "--max-image-pixels", 1_000_000, "--max-wait-ms", 1]
+        args += ["--index", root / "index"] if task == "irtr" else []
         try:
             started[task] = Server(1, args + (["--answers", ANSWERS] if task == "vqa" else []))
         except Exception as exc:  # reported below, not lost in the thread
@@ -79,9 +90,11 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_the_schema(s
         assert run.returncode == 0, f"{task}:\n{output}"
         assert f"{operations} selected / {operations} total" in output, output
         assert " passed" in output and "failed" not in output, output
+    answered = {"vqa": "/v1/vqa", "nlvr2": "/v1/nlvr2", "irtr": "/v1/search"}  # the examples reach the model
     for task, server in servers.items():
         metrics = server.get("/metrics")[2]
         assert 'status="500"' not in metrics and "Traceback" not in "".join(server.log), task
+        assert f'endpoint="{answered[task]}",status="200"' in metrics, (task, metrics)
 
 
 def test_openapi_and_docs_describe_every_endpoint_with_its_models(servers: Dict[str, Server]) -> None:

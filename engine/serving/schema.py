@@ -233,7 +233,9 @@ def errors(*statuses: int) -> Dict[Union[int, str], Dict[str, Any]]:
     why = {400: "Malformed request (the error names the field).", 404: "This checkpoint has no such head.",
            405: "Method not allowed (see the Allow header).", 413: "Body, image or pixels over the server's bounds.",
            503: "Queue full, loading, failed or shutting down (Retry-After: 1)."}
-    return {status: {"model": ErrorBody, "description": why[status]} for status in statuses}
+    # The body named outright: FastAPI would file a `model` under the route's own media type (text/html, images).
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    return {status: {"description": why[status], "content": body} for status in statuses}
 
 
 def request_body(json_model: Type[BaseModel], form_model: Optional[Type[BaseModel]] = None) -> Dict[str, Any]:
@@ -245,7 +247,7 @@ def request_body(json_model: Type[BaseModel], form_model: Optional[Type[BaseMode
 
 
 def request_schemas(models: Sequence[Type[BaseModel]]) -> Dict[str, Any]:
-    """The JSON schemas of the request models and of every model they use, keyed by name (OpenAPI components)."""
+    """The JSON schemas of `models` and of every model they use, keyed by name (OpenAPI components)."""
     schemas: Dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -254,4 +256,6 @@ def request_schemas(models: Sequence[Type[BaseModel]]) -> Dict[str, Any]:
     return schemas
 
 
-REQUEST_MODELS = (VQARequest, VQAForm, NLVR2Request, NLVR2Form, ChatRequest, EmbeddingsRequest, SearchRequest)
+# The models the schema names that FastAPI does not see itself: the request bodies, and the error body.
+REQUEST_MODELS = (VQARequest, VQAForm, NLVR2Request, NLVR2Form, ChatRequest, EmbeddingsRequest, SearchRequest,
+                  ErrorBody)
