@@ -23,7 +23,13 @@ DTYPES ?= fp32 bf16
 BENCH_ITERS ?= 3
 BENCH_ARGS ?=
 
-.PHONY: install test shard verify clean demo bench serve bench-serve
+# `make gpu-check`: the prepared GPU check on this machine's GPUs (launch/gpu_check.sh; README §GPU check), about
+# 8 minutes; WHEELS=dir installs what the machine lacks from a wheel folder, GPU_CHECK_ARGS more options
+# ("--device cpu --quick": the dry run on a CPU).
+WHEELS ?=
+GPU_CHECK_ARGS ?=
+
+.PHONY: install test shard verify clean demo bench serve bench-serve gpu-check
 
 install: $(VENV)/.installed
 
@@ -44,6 +50,9 @@ serve: install
 BENCH_SERVE_ARGS ?=
 bench-serve: install
 	$(PY) -m engine.tools.bench_serve $(BENCH_SERVE_ARGS)
+
+gpu-check:
+	WHEELS="$(WHEELS)" launch/gpu_check.sh $(GPU_CHECK_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -7,8 +7,10 @@ synchronised before and after, with all ranks started together; an iteration's
 latency is the slowest rank's. The peak is measured here too, on every rank at
 once, in the same dtype and threads: the best torch.mm rate over the GEMM shapes
 this forward itself runs, so that "fraction of peak" says how close the model
-comes to what the machine's GEMMs reach on its own work. Rank 0 prints a summary
-and writes the JSON.
+comes to what the machine's GEMMs reach on its own work. On CUDA the forward runs
+as a per-bucket CUDA graph (engine.runtime.graphs; --no-cuda-graphs: eagerly), and
+the report gives each rank's device memory: weights, the forward's measured
+activations, the graph pool. Rank 0 prints a summary and writes the JSON.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .atomic import write_json
 from .forward import TASK_INPUTS, pick_task, run_task
 from .runtime.config import VLMoConfig
 from .runtime.distributed import ParallelContext, barrier, gather_objects, synchronize
+from .runtime.graphed import GraphedModel
 from .runtime.kernels import bf16_matmul_units, gemm_peak_gflops
 from .runtime.loading import DTYPES, load_model
 from .runtime.shards import read_manifest
@@ -144,10 +147,12 @@ def _module_bytes(tensors) -> int:
 
 
 def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], warmup: int,
-                 iters: int) -> Dict[str, Any]:
-    """Per-iteration latency (this rank) and the all-reduce time spent in the timed iterations."""
+                 iters: int, model: Optional[GraphedModel] = None) -> Dict[str, Any]:
+    """Per-iteration latency (this rank) and the all-reduce time spent in the timed iterations (in a graph's
+    replay the all-reduce runs inside the graph and is not counted)."""
+    model = model or engine.model
     for _ in range(warmup):
-        run_task(engine.model, task, inputs)
+        run_task(model, task, inputs)
     seconds = []
     comm = engine.ctx.comm
     comm_before, calls_before = (comm.seconds, comm.calls) if comm else (0.0, 0)
@@ -156,7 +161,7 @@ def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], war
         barrier(engine.ctx)  # start together: the slowest rank is the latency
         synchronize(engine.ctx.device)
         start = time.perf_counter()
-        run_task(engine.model, task, inputs)
+        run_task(model, task, inputs)
         synchronize(engine.ctx.device)
         seconds.append(time.perf_counter() - start)
     comm_after, calls_after = (comm.seconds, comm.calls) if comm else (0.0, 0)
@@ -180,14 +185,21 @@ def compare_fp32(shard_dir: Path, engine: Engine, task: str, inputs: Dict[str, t
 
 
 def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-              batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool) -> Dict[str, Any]:
-    cfg = read_manifest(shard_dir).config
-    task = pick_task(cfg, task)
+              batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool,
+              cuda_graphs: bool = True) -> Dict[str, Any]:
+    task = pick_task(read_manifest(shard_dir).config, task)
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
-    ctx, model, dtype = engine.ctx, engine.model, engine.dtype
-    inputs = synthetic_inputs(cfg, task, batch_size, ctx.device)
+    return bench_engine(engine, shard_dir, task, batch_size, warmup, iters, check_fp32, cuda_graphs)
 
-    timed = time_forward(engine, task, inputs, warmup, iters)
+
+def bench_engine(engine: Engine, shard_dir: Path, task: str, batch_size: int, warmup: int, iters: int,
+                 check_fp32: bool = False, cuda_graphs: bool = True) -> Dict[str, Any]:
+    """The report of one configuration on a loaded engine (rank 0; {} elsewhere)."""
+    ctx, model, dtype, cfg = engine.ctx, engine.model, engine.dtype, engine.manifest.config
+    inputs = synthetic_inputs(cfg, task, batch_size, ctx.device)
+    graphed = GraphedModel(model, ctx.device, enabled=cuda_graphs)
+
+    timed = time_forward(engine, task, inputs, warmup, iters, graphed)
     barrier(ctx)
     peak = peak_gflops(cfg, ctx.tp_size, task, batch_size, DTYPES[dtype], ctx.device)
     accuracy = compare_fp32(shard_dir, engine, task, inputs, run_task(model, task, inputs)) \
@@ -198,11 +210,18 @@ def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optio
         "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes(model.parameters()),
         "position_bias": _module_bytes(model.cached_position_biases()),
         "linear_kernels": model.linear_kernels,
+        "cuda_graphs": graphed.graphs.mode(graph_task(task), batch_size),
+        "device_memory": graphed.graphs.memory.report(),
     }
     ranks = gather_objects(ctx, mine)
     if not ctx.is_main:
         return {}
     return summarise(ranks, ctx, cfg, task, dtype, batch_size, warmup, accuracy)
+
+
+def graph_task(task: str) -> str:
+    # irtr times two graphs (text and image features); the report names the image one's mode
+    return "image_features" if task == "irtr" else task
 
 
 def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig, task: str, dtype: str,
@@ -230,6 +249,9 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig
         "linear_kernels_per_rank": [r["linear_kernels"] for r in ranks],
         "fraction_of_peak": gflop * samples_per_s / peak,
         "weights_bytes_per_rank": [r["weights"] for r in ranks],
+        "cuda_graphs": ranks[0]["cuda_graphs"],
+        # device ranks: measured activation peaks by task and batch, graph pool, free/total (None on the CPU)
+        "device_memory_per_rank": [r["device_memory"] for r in ranks],
         "position_bias_bytes_per_rank": [r["position_bias"] for r in ranks],
         "peak_rss_bytes_per_rank": [r["rss"] for r in ranks],
         "load_s_per_rank": [r["load_s"] for r in ranks],
@@ -251,7 +273,7 @@ def summary_line(report: Dict[str, Any]) -> str:
             f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%), "
             f"all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward"
             + (f" (Sub-LN statistics {report['subln_allreduce_ms_per_forward']:.1f})"
-               if report["subln_allreduce_ms_per_forward"] else ""))
+               if report["subln_allreduce_ms_per_forward"] else "") + f"; {report['cuda_graphs']}")
 
 
 @click.command()
@@ -264,16 +286,20 @@ def summary_line(report: Dict[str, Any]) -> str:
               help="Task forward to time [default: the checkpoint's only head].")
 @click.option("--check-fp32", is_flag=True,
               help="Also run an fp32 copy of the shard on the same inputs and report the output deviation.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="Run the forward as a per-batch-bucket CUDA graph where the device has them (CUDA; NPU graph "
+                   "mode where torch_npu has it); elsewhere it runs eagerly and the report says why.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Write the report here (rank 0).")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-         batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool,
+         batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool, cuda_graphs: bool,
          json_path: Optional[Path]) -> None:
     """Time the sharded model's forward on synthetic inputs and report latency, throughput and efficiency."""
     if json_path:
         writable("--json", json_path)
-    report = run_bench(shard_dir, device, dtype, threads, timeout_s, batch_size, warmup, iters, task, check_fp32)
+    report = run_bench(shard_dir, device, dtype, threads, timeout_s, batch_size, warmup, iters, task, check_fp32,
+                       cuda_graphs)
     if report:
         click.echo(summary_line(report))
         if json_path:

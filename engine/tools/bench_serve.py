@@ -33,16 +33,17 @@ TP = 2
 class ServerProcess:
     """`torchrun -m engine.serve` in its own session; stopped as a user stops it, with SIGTERM to rank 0."""
 
-    def __init__(self, shards: Path, answers: Path, dtype: str, threads: int, extra: Sequence[str]) -> None:
+    def __init__(self, shards: Path, answers: Path, dtype: str, threads: int, extra: Sequence[str],
+                 device: str = "cpu", tp: int = TP, up_within_s: float = 600, log=None) -> None:
         self.port = _free_port()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(TP), "--master-port",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "--master-port",
                str(_free_port()), "-m", "engine.serve", "--shards", str(shards), "--answers", str(answers),
-               "--device", "cpu", "--dtype", dtype, "--threads", str(threads), "--port", str(self.port),
+               "--device", device, "--dtype", dtype, "--threads", str(threads), "--port", str(self.port),
                "--request-timeout", "3600", *extra]  # a saturated queue of full-size requests waits minutes
         click.echo("$ " + " ".join(cmd), err=True)
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, start_new_session=True, stderr=log)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + up_within_s
         while not self._healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise click.ClickException(f"the server did not come up (exit status {self.proc.poll()})")
