@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import click
 import uvicorn
@@ -30,7 +30,9 @@ from .serving.metrics import ServerMetrics
 from .serving.payloads import Preprocessor
 from .serving.preprocess import Limits
 from .serving.runner import Runner
-from .serving.tasks import VQA, ServedModel, served_kinds
+from .runtime.graphs import DEFAULT_BUCKETS
+from .serving.tasks import VQA, served_kinds
+from .serving.warmup import served_model
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .tasks.tokenizers import make_tokenizer, tokenizer_option
 from .vqa import answer_table
@@ -70,14 +72,16 @@ def model_name(manifest: Manifest, shard_dir: Path) -> str:
     return Path(source).stem if source else shard_dir.resolve().name
 
 
-def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float) -> None:
-    """Ranks other than 0: load, then run rank 0's steps until it says stop. Exits the process."""
+def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
+           kinds: List[str], max_batch_size: int, cuda_graphs: bool) -> None:
+    """Ranks other than 0: load, warm up as rank 0 does, then run rank 0's steps until it says stop. Exits the
+    process."""
     outcome = []
 
     def work() -> None:
         try:
             engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
-            GroupChannel(engine.ctx, ServedModel(engine.model, engine.ctx.device)).follow()
+            GroupChannel(engine.ctx, served_model(engine, kinds, max_batch_size, cuda_graphs)[0]).follow()
             outcome.append(0)
         except Exception as exc:  # rank 0 went away, or a collective failed
             click.echo(f"error: rank {os.environ.get('RANK')}: {exc}", err=True)
@@ -122,6 +126,10 @@ def _exit(code: int) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most requests in one forward pass.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="Run each batch as a CUDA graph of its size bucket (1, 2, 4, ... 32; a batch pads to its "
+                   "bucket), captured at start; where the device has no graphs (CPU) the server says why and runs "
+                   "eagerly.")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long the oldest waiting request may wait for its batch to fill.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
@@ -146,7 +154,8 @@ def _exit(code: int) -> None:
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          answers_path: Optional[Path], host: str, port: int, max_batch_size: int, max_wait_ms: float,
-         max_queue: int, max_image_bytes: int, max_image_pixels: int, max_body_bytes: Optional[int],
+         cuda_graphs: bool, max_queue: int, max_image_bytes: int, max_image_pixels: int,
+         max_body_bytes: Optional[int],
          request_timeout_s: float, drain_timeout_s: float, preprocess_threads: int, model_id: Optional[str],
          vocab: Optional[Path], tokenizer_path: Optional[Path]) -> None:
     """Serve the sharded checkpoint in SHARDS over HTTP: VQA, OpenAI chat, embeddings, NLVR2, metrics, a web page."""
@@ -164,7 +173,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         answers = answer_table(answers_path, cfg.vqa_labels)
     tokenizer = make_tokenizer(cfg, tokenizer_path, vocab)  # every rank refuses a missing one, before loading
     if int(os.environ.get("RANK", "0")) != 0:
-        follow(shard_dir, device, dtype, threads, timeout_s)
+        follow(shard_dir, device, dtype, threads, timeout_s, kinds, max_batch_size, cuda_graphs)
     limits = Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
     preprocessor = Preprocessor(cfg, tokenizer, limits)
     sock = listen(host, port)
@@ -196,10 +205,15 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         try:
             engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
             state.dtype = engine.dtype
-            runner.channel = GroupChannel(engine.ctx, ServedModel(engine.model, engine.ctx.device))
-        except Exception as exc:  # a bad shard, a peer that never came: one line, then exit 1
+            served, padded, note = served_model(engine, kinds, max_batch_size, cuda_graphs)
+        except Exception as exc:  # a bad shard, a peer that never came, a batch too big: one line, then exit 1
             runner.fail(f"cannot load {shard_dir}: {exc}")
             return
+        if note:
+            click.echo(f"note: {note}", err=True)
+        if padded:
+            batcher.buckets = DEFAULT_BUCKETS  # batches pad to the graphs' sizes
+        runner.channel = GroupChannel(engine.ctx, served)
         click.echo(f"ready: {state.model_id} ({', '.join(kinds)}; tp {manifest.tp}, {engine.dtype})", err=True)
         runner.loop()
 

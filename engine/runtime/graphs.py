@@ -16,8 +16,9 @@ shares one memory pool, so the smaller ones reuse its memory. At tp > 1 the mode
 the graph: torch.distributed's NCCL backend records its collective on its own stream joined to the capturing
 one by events, which CUDA captures as graph dependencies, so a replay runs the all-reduce with the rest (every
 rank replays the same bucket at the same step, as every rank runs the same forward). A forward that cannot be
-captured (it syncs with the host, e.g. per-sample key selection) is run eagerly from then on, with the reason
-kept in `skipped`; so is a batch above the largest bucket.
+captured (it syncs with the host, e.g. per-sample key selection: CUDA's sync debug mode catches that in the
+warm-up, before any capture) is run eagerly from then on, with the reason kept in `skipped`; so is a batch above
+the largest bucket.
 
 On Ascend NPUs the same runs through torch_npu's graph mode (torch.npu.NPUGraph, torch.npu.graph) where that
 torch_npu has it; elsewhere, and on the CPU, graphs are off with a one-line reason (`reason`).
@@ -93,10 +94,21 @@ class DeviceGraphs:
         self.pool = self.module.graph_pool_handle()
 
     def warm_up(self, fn: Callable[[], Outputs], runs: int) -> None:
+        """Eager runs on the capture stream; after the first (which may initialise lazily, syncing), CUDA's sync
+        debug mode turns any host sync into an error here, before a capture would fail on it."""
         self.stream.wait_stream(self.module.current_stream())
+        strict = getattr(self.module, "set_sync_debug_mode", None)
         with self.module.stream(self.stream):
-            for _ in range(runs):
-                fn()
+            for run in range(runs):
+                if run and strict:
+                    before = self.module.get_sync_debug_mode()
+                    strict("error")
+                    try:
+                        fn()
+                    finally:
+                        strict(before)
+                else:
+                    fn()
         self.module.current_stream().wait_stream(self.stream)
         self.module.synchronize()
 
