@@ -18,7 +18,7 @@ from _paths import GOLDEN, needs
 from _run import shard_here
 from engine.forward import run_task
 from engine.runtime.distributed import ParallelContext
-from engine.runtime.graphs import DEFAULT_BUCKETS, GraphRunner, bucket_for, graph_support, pad_rows, parse_buckets
+from engine.runtime.graphs import DEFAULT_BUCKETS, GraphRunner, bucket_for, graph_support, pad_rows
 from engine.runtime.loading import load_model
 from engine.runtime.memory import DeviceMemoryError, MemoryBudget
 
@@ -57,13 +57,10 @@ def vqa_model(tmp_path_factory):
     return load_model(shards, ctx, "fp32")
 
 
-def test_buckets_round_up_and_parse() -> None:
+def test_buckets_round_up() -> None:
     assert [bucket_for(n, DEFAULT_BUCKETS) for n in (1, 2, 3, 5, 8, 9, 17, 32, 33)] == \
         [1, 2, 4, 8, 8, 16, 32, 32, None]
-    assert parse_buckets("8, 1 2,4") == (1, 2, 4, 8)
-    for bad in ("", "0 2", "1 x"):
-        with pytest.raises(ValueError):
-            parse_buckets(bad)
+    assert bucket_for(3, (8, 2)) == 8
 
 
 def test_padding_repeats_the_first_row() -> None:
@@ -118,8 +115,9 @@ def test_no_padding_row_reaches_a_result(vqa_model) -> None:
     runner("vqa", {k: v[[3, 2, 1]] for k, v in inputs.items()})
     assert torch.equal(first["vqa_logits"], kept)
     # above the largest bucket: eager, as given
-    nine = runner("vqa", {k: v[[i % 4 for i in range(9)]] for k, v in inputs.items()})
-    assert seen[-1] == 9 and (nine["vqa_logits"] - expected["vqa_logits"][[i % 4 for i in range(9)]]).abs().max() <= 1e-4
+    order = [i % 4 for i in range(9)]
+    nine = runner("vqa", {k: v[order] for k, v in inputs.items()})
+    assert seen[-1] == 9 and (nine["vqa_logits"] - expected["vqa_logits"][order]).abs().max() <= 1e-4
     assert runner.mode("vqa", 9) == "eager (batch 9 is above the largest bucket, 8)"
 
 
@@ -178,3 +176,12 @@ def test_a_batch_that_would_not_fit_is_refused_in_one_line() -> None:
     line = str(refused.value)
     assert "\n" not in line and "a vqa batch of 9 needs about 0.00 GiB" in line and "at batch 8" in line
     assert runner.memory.report()["activations_bytes"] == {"vqa": {1: 1_000, 8: 8_000}}
+
+
+def test_the_server_warms_every_bucket_a_batch_can_pad_to_largest_first() -> None:
+    from engine.serving.warmup import warm_sizes
+
+    assert warm_sizes(16, graphs=True) == [16, 8, 4, 2, 1]
+    assert warm_sizes(20, graphs=True) == [32, 16, 8, 4, 2, 1]  # a batch of 17-20 pads to 32
+    assert warm_sizes(40, graphs=True) == [40, 32, 16, 8, 4, 2, 1]  # above 32: eager, its memory checked
+    assert warm_sizes(20, graphs=False) == [20]

@@ -11,8 +11,8 @@ token), so padding changes no real row.
 
 Capture follows what vLLM does for its decoder graphs: eager warm-up runs first, on the side stream the capture
 then uses (lazy initialisation — cuBLAS workspaces, the tensor-parallel group's NCCL communicator, the model's
-position-bias cache — must not happen inside a capture), the largest bucket is captured first and every graph
-shares one memory pool, so the smaller ones reuse its memory. At tp > 1 the model's all-reduce is captured into
+position-bias cache — must not happen inside a capture), and every graph shares one memory pool, so that the
+smaller ones reuse the memory of the largest when it is captured first (the server's warm-up goes largest first). At tp > 1 the model's all-reduce is captured into
 the graph: torch.distributed's NCCL backend records its collective on its own stream joined to the capturing
 one by events, which CUDA captures as graph dependencies, so a replay runs the all-reduce with the rest (every
 rank replays the same bucket at the same step, as every rank runs the same forward). A forward that cannot be
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
@@ -48,18 +48,6 @@ def bucket_for(n: int, buckets: Sequence[int]) -> Optional[int]:
     ordered = sorted(buckets)
     at = bisect.bisect_left(ordered, n)
     return ordered[at] if at < len(ordered) else None
-
-
-def parse_buckets(text: str) -> Tuple[int, ...]:
-    """`1,2,4` or `1 2 4` -> (1, 2, 4); a ValueError naming the bad item otherwise."""
-    items = text.replace(",", " ").split()
-    try:
-        buckets = tuple(sorted({int(item) for item in items}))
-    except ValueError:
-        raise ValueError(f"batch buckets must be whole numbers, got {text!r}") from None
-    if not buckets or buckets[0] < 1:
-        raise ValueError(f"batch buckets must be one or more numbers >= 1, got {text!r}")
-    return buckets
 
 
 def graph_support(device: torch.device) -> Optional[str]:
@@ -211,15 +199,6 @@ class GraphRunner:
             if graph is None:
                 return self(task, inputs)
         return graph(inputs, n)
-
-    def capture_buckets(self, task: str, example: Tensors, buckets: Optional[Iterable[int]] = None) -> None:
-        """Capture `task`'s graphs now (a server at start), largest bucket first: the smaller ones then fit in
-        the pool memory it leaves. `example` is one or more real samples (padding repeats its first row)."""
-        if not self.enabled:
-            return
-        for bucket in sorted(buckets or self.buckets, reverse=True):
-            if self._key(task, bucket, example) not in self._graphs and (task, bucket) not in self.skipped:
-                self._record(task, bucket, {k: v[:bucket] for k, v in example.items()})
 
     def _key(self, task: str, bucket: int, inputs: Tensors) -> Tuple:
         # a graph is only good for the shapes (beyond the batch) and dtypes it was recorded with

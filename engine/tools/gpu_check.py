@@ -262,7 +262,8 @@ def table(report: Dict[str, Any]) -> List[str]:
         for r in bench["rows"]:
             ran = "graph" if r["graphs_ran"] else "eager"
             lines.append(f"  {r['dtype']:<4} {r['batch']:>3} {'on ' if r['graphs'] else 'off'} ({ran}) | "
-                         f"{r['p50_ms']:7.2f} {r['min_ms']:7.2f} {r['samples_per_s']:9.1f} {r['percent_of_peak']:5.1f} | "
+                         f"{r['p50_ms']:7.2f} {r['min_ms']:7.2f} {r['samples_per_s']:9.1f} "
+                         f"{r['percent_of_peak']:5.1f} | "
                          f"{r['weights_mib']:8.0f} {_mib(r['activations_mib']):>12} {_mib(r['graph_pool_mib']):>12}")
     serving = report["steps"].get("serving") or {}
     if "saturated" in serving:
