@@ -135,8 +135,10 @@ class MemoryBudget:
         if task not in self.activations:
             first = {k: v[:1] for k, v in inputs.items()}
             self.measured_run(task, 1, lambda: run(first))
+        if n in self.activations[task]:  # it ran before: it fits
+            return
         need, left = self.estimate(task, n), self.available()
-        if n not in self.activations[task] and need > HEADROOM * left:
+        if need > HEADROOM * left:
             largest = max(self.activations[task])
             raise DeviceMemoryError(
                 f"a {task} batch of {n} needs about {gib(need)} of activations on {self.device} (measured "
