@@ -67,7 +67,7 @@ def arrival_times(n: int, rate: float, seed: int) -> List[float]:
 
 def summary_ms(seconds: Sequence[float]) -> Dict[str, Optional[float]]:
     """percentiles_ms, or every field None when nothing succeeded."""
-    return percentiles_ms(seconds) if seconds else dict.fromkeys(("mean", "p50", "p90", "p99", "min", "max", "std"))
+    return percentiles_ms(seconds) if seconds else dict.fromkeys(percentiles_ms([0.0]))
 
 
 class Client:

@@ -185,3 +185,20 @@ def test_the_server_warms_every_bucket_a_batch_can_pad_to_largest_first() -> Non
     assert warm_sizes(20, graphs=True) == [32, 16, 8, 4, 2, 1]  # a batch of 17-20 pads to 32
     assert warm_sizes(40, graphs=True) == [40, 32, 16, 8, 4, 2, 1]  # above 32: eager, its memory checked
     assert warm_sizes(20, graphs=False) == [20]
+
+
+def test_batched_key_masking_asks_the_host_nothing() -> None:
+    """Accelerators' batched masking keeps a mask even when every key is real (no host check a graph could not
+    hold), and it changes nothing there; the CPU's per-sample path still takes the whole batch at once."""
+    from engine.layers.attention import BATCHED, PER_SAMPLE, AttentionOptions, attention, select_keys
+
+    gen = torch.Generator().manual_seed(0)
+    qkv, bias = torch.randn(2, 5, 3 * 2 * 4, generator=gen), torch.randn(1, 2, 5, 5, generator=gen)
+    every_key = torch.ones(2, 5, dtype=torch.long)
+    batched, per_sample = AttentionOptions(key_masking=BATCHED), AttentionOptions(key_masking=PER_SAMPLE)
+    keys = select_keys(every_key, 0, batched)
+    assert keys.additive_mask is not None and torch.equal(keys.additive_mask, torch.zeros(2, 1, 1, 5))
+    whole = select_keys(every_key, 0, per_sample)
+    assert whole.additive_mask is None and whole.per_sample is None
+    assert torch.allclose(attention(qkv, 2, bias, keys, batched), attention(qkv, 2, bias, whole, per_sample),
+                          atol=1e-6)

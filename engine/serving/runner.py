@@ -15,13 +15,13 @@ from ..runtime.graphs import pad_rows
 from .batcher import Batcher, Job, Result, Unavailable
 from .group import PING, RUN, STOP, GroupChannel
 from .metrics import ServerMetrics
-from .tasks import INPUTS
+from ..models.tasks import TASKS
 
 
 def collate(jobs: List[Job], rows: int = 0) -> dict:
     """The jobs' inputs stacked, padded to `rows` with copies of the first job's (real inputs: finite outputs)."""
     return {name: pad_rows(torch.stack([job.inputs[name] for job in jobs]), rows)
-            for name in INPUTS[jobs[0].kind]}
+            for name in TASKS[jobs[0].kind].inputs}
 
 
 class Runner:
@@ -50,7 +50,6 @@ class Runner:
             try:
                 while True:
                     jobs = self.batcher.next_batch(self.ping_every_s)
-                    self.metrics.queue_depth.set(self.batcher.depth)
                     if jobs is None:
                         if self.batcher.closed:
                             self._timed(STOP)

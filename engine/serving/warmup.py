@@ -1,18 +1,32 @@
-"""The served model on an accelerator: task calls behind per-bucket device graphs (engine.runtime.graphed), each
-graph captured before the server takes requests, and every batch size the server can form checked against the
-device's memory (a --max-batch-size that would not fit stops the start-up with one line)."""
+"""The served model on an accelerator: the task table's calls behind per-bucket device graphs
+(engine.runtime.graphed), each graph captured before the server takes requests, and every batch size the server
+can form checked against the device's memory (a --max-batch-size that would not fit stops the start-up with one
+line)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 from ..bench import synthetic_inputs
-from ..runtime.graphed import GraphedModel
-from ..runtime.graphs import DEFAULT_BUCKETS, bucket_for
+from ..models.tasks import TASKS
+from ..runtime.graphed import task_graphs
+from ..runtime.graphs import DEFAULT_BUCKETS, GraphRunner, bucket_for
 from ..tasks.cli import Engine
-from .tasks import IMAGE_EMBEDDING, NLVR2, TEXT_EMBEDDING, VQA, ServedModel
+from .tasks import ServedModel
 
-# the engine.bench task whose synthetic inputs hold a kind's inputs
-BENCH_TASK = {VQA: "vqa", NLVR2: "nlvr2", TEXT_EMBEDDING: "irtr", IMAGE_EMBEDDING: "irtr"}
+
+class GraphedServedModel(ServedModel):
+    """ServedModel whose task calls go through `graphs` (a GraphRunner over the task table)."""
+
+    def __init__(self, graphs: GraphRunner, model, device: torch.device) -> None:
+        super().__init__(model, device)
+        self.graphs = graphs
+
+    def run(self, kind: str, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        task = TASKS[kind]
+        inputs = {name: batch[name].to(self.device) for name in task.inputs}
+        return self.graphs(kind, inputs)[task.outputs[0]].float().cpu()
 
 
 def warm_sizes(max_batch_size: int, graphs: bool, buckets: Sequence[int] = DEFAULT_BUCKETS) -> List[int]:
@@ -31,14 +45,14 @@ def served_model(engine: Engine, kinds: Sequence[str], max_batch_size: int,
     """The ServedModel to serve with, warmed up; whether batches should pad to the buckets (graphs were
     captured); and a note when graphs are off or some were skipped. On the CPU nothing is run ahead (no graphs,
     no device memory to bound)."""
-    model = GraphedModel(engine.model, engine.ctx.device, enabled=cuda_graphs)
-    served = ServedModel(model, engine.ctx.device)
-    if model.reason is None or model.graphs.memory.tracked:
-        cfg = engine.manifest.config
+    device = engine.ctx.device
+    graphs = task_graphs(engine.model, device, enabled=cuda_graphs)
+    served = GraphedServedModel(graphs, engine.model, device)
+    if graphs.enabled or graphs.memory.tracked:
         for kind in kinds:
-            for size in warm_sizes(max_batch_size, model.reason is None):
-                served.run(kind, synthetic_inputs(cfg, BENCH_TASK[kind], size, engine.ctx.device))
-    skipped = sorted(set(model.graphs.skipped.values()))
-    note = model.reason or (f"{len(model.graphs.skipped)} graphs not captured, run eagerly: {skipped[0]}"
-                            if skipped else None)
-    return served, bool(model.graphs.captured()), note
+            for size in warm_sizes(max_batch_size, graphs.enabled):
+                served.run(kind, synthetic_inputs(engine.manifest.config, kind, size, device))
+    skipped = sorted(set(graphs.skipped.values()))
+    note = graphs.reason or (f"{len(graphs.skipped)} graphs not captured, run eagerly: {skipped[0]}"
+                             if skipped else None)
+    return served, bool(graphs.captured()), note

@@ -168,8 +168,7 @@ def step_bench(device: str, shards: Path, quick: bool, work: Path, remaining: Ca
 def bench_row(report: Dict[str, Any]) -> Dict[str, Any]:
     """The table's numbers of one engine.bench report (rank 0's device memory)."""
     memory = (report.get("device_memory_per_rank") or [None])[0] or {}
-    task = "image_features" if report["task"] == "irtr" else report["task"]
-    measured = {int(k): v for k, v in (memory.get("activations_bytes") or {}).get(task, {}).items()}
+    measured = {int(k): v for k, v in (memory.get("activations_bytes") or {}).get(report["task"], {}).items()}
     rows_run = min((b for b in measured if b >= report["batch_size"]), default=None)
     return {"dtype": report["dtype"], "batch": report["batch_size"], "mode": report["cuda_graphs"],
             "graphs": report["graphs_requested"], "graphs_ran": report["cuda_graphs"].startswith("graph"),

@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 from ..atomic import write_json
-from ..bench import bench_engine, graph_task
-from ..forward import pick_task, read_inputs, run_task
+from ..bench import bench_engine
+from ..forward import read_inputs
 from ..runtime.distributed import init_parallel
-from ..runtime.graphed import GraphedModel
+from ..runtime.graphed import task_graphs
 from ..runtime.loading import load_model
 from ..runtime.shards import read_manifest
-from ..tasks.cli import Engine
+from ..tasks.cli import Engine, pick_task
 
 LOGITS = ("vqa_logits", "nlvr2_logits")
 
@@ -50,17 +50,19 @@ def parity(ctx, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         manifest = read_manifest(shards)
         task = pick_task(manifest.config, None)
         inputs = {k: v.to(ctx.device) for k, v in read_inputs(Path(item["inputs"]), task, manifest.config).items()}
+        if "padding_mask" in inputs:  # BEiT-3's published convention (1 on padding), as engine.forward converts
+            inputs["text_masks"] = 1 - inputs.pop("padding_mask")
         expected = load_file(item["expected"])
         batch = next(iter(inputs.values())).shape[0]
         for dtype in item["dtypes"]:
             model = load_model(shards, ctx, dtype, manifest)
             for graphs in (False, True):
-                graphed = GraphedModel(model, ctx.device, enabled=graphs)
+                runner = task_graphs(model, ctx.device, enabled=graphs)
                 for n in sorted({batch, max(1, batch - 1)}, reverse=True):
-                    got = run_task(graphed, task, {k: v[:n] for k, v in inputs.items()})
+                    got = runner(task, {k: v[:n] for k, v in inputs.items()})
                     row = {"case": item["case"], "family": manifest.config.family, "tp": ctx.tp_size,
                            "dtype": dtype, "graphs": graphs, "batch": n,
-                           "mode": graphed.graphs.mode(graph_task(task), n),
+                           "mode": runner.mode(task, n),
                            **compare(got, {k: v[:n] for k, v in expected.items()})}
                     rows.append(row)
             del model
