@@ -54,7 +54,9 @@ def vqa_model(tmp_path_factory):
     shards = tmp_path_factory.mktemp("graphs") / "shards"
     shard_here(CASE / "checkpoint.pt", 1, shards)
     ctx = ParallelContext(rank=0, world_size=1, tp_size=1, device=CPU, backend=None)
-    return load_model(shards, ctx, "fp32")
+    model = load_model(shards, ctx, "fp32")
+    model.shards = shards
+    return model
 
 
 def test_buckets_round_up() -> None:
@@ -202,3 +204,20 @@ def test_batched_key_masking_asks_the_host_nothing() -> None:
     assert whole.additive_mask is None and whole.per_sample is None
     assert torch.allclose(attention(qkv, 2, bias, keys, batched), attention(qkv, 2, bias, whole, per_sample),
                           atol=1e-6)
+
+
+@needs(CASE)
+def test_the_served_model_on_the_cpu_warms_nothing_and_says_why(vqa_model) -> None:
+    from engine.runtime.shards import read_manifest
+    from engine.serving.warmup import example_inputs, served_model
+    from engine.tasks.cli import Engine
+
+    ctx = ParallelContext(rank=0, world_size=1, tp_size=1, device=CPU, backend=None)
+    manifest = read_manifest(vqa_model.shards)
+    engine = Engine(ctx=ctx, model=vqa_model, manifest=manifest, dtype="fp32", load_s=0.0)
+    served, padded, note = served_model(engine, ["vqa"], 16, cuda_graphs=True)
+    assert (padded, note) == (False, "CUDA graphs off: no CUDA here (the device is cpu)")
+    assert served.graphs.memory.activations == {}  # nothing ran ahead
+    # the warm-up's inputs are valid inputs of the task: the published model's shapes, finite answers
+    out = served.run("vqa", example_inputs(manifest.config, "vqa", 3, CPU))
+    assert out.shape == (3, manifest.config.vqa_labels) and bool(torch.isfinite(out).all())

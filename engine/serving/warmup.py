@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..bench import synthetic_inputs
+from ..models import ModelConfig
 from ..models.tasks import TASKS
 from ..runtime.graphed import task_graphs
 from ..runtime.graphs import DEFAULT_BUCKETS, GraphRunner, bucket_for
@@ -27,6 +27,19 @@ class GraphedServedModel(ServedModel):
         task = TASKS[kind]
         inputs = {name: batch[name].to(self.device) for name in task.inputs}
         return self.graphs(kind, inputs)[task.outputs[0]].float().cpu()
+
+
+def example_inputs(cfg: ModelConfig, kind: str, batch: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Inputs of the task's shapes for warming up (their values do not matter to a graph or a memory peak): a
+    two-token text and blank images."""
+    T, S = cfg.max_text_len, cfg.image_size
+    shapes = {"text_ids": (batch, T), "text_masks": (batch, T)}
+    inputs = {name: torch.zeros(shapes.get(name, (batch, 3, S, S)), device=device,
+                                dtype=torch.long if name in shapes else torch.float32)
+              for name in TASKS[kind].inputs}
+    if "text_masks" in inputs:
+        inputs["text_masks"][:, :2] = 1
+    return inputs
 
 
 def warm_sizes(max_batch_size: int, graphs: bool, buckets: Sequence[int] = DEFAULT_BUCKETS) -> List[int]:
@@ -51,7 +64,7 @@ def served_model(engine: Engine, kinds: Sequence[str], max_batch_size: int,
     if graphs.enabled or graphs.memory.tracked:
         for kind in kinds:
             for size in warm_sizes(max_batch_size, graphs.enabled):
-                served.run(kind, synthetic_inputs(engine.manifest.config, kind, size, device))
+                served.run(kind, example_inputs(engine.manifest.config, kind, size, device))
     skipped = sorted(set(graphs.skipped.values()))
     note = graphs.reason or (f"{len(graphs.skipped)} graphs not captured, run eagerly: {skipped[0]}"
                              if skipped else None)
