@@ -3,7 +3,8 @@
 #   Reuses the machine's CUDA torch: a venv with --system-site-packages (VENV, default .venv-gpu), into which
 #   only what is missing from launch/gpu-check-requirements.txt is installed — from WHEELS=dir when set (no
 #   index is contacted), else from PyPI. The engine runs from this checkout (PYTHONPATH), not installed.
-#   GOLDEN=dir: the golden cases [default: ../shared/golden]. TIMEOUT_S: the hard stop [default 540 s].
+#   GOLDEN=dir: the golden cases [default: ../shared/golden]. TIMEOUT_S: the hard stop [default 480 s: 8 minutes;
+#   the report is written after every step, so a stop keeps what was done].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv-gpu}"
@@ -25,5 +26,5 @@ fi
 "$PY" -m pip install "${pip_args[@]}" -r launch/gpu-check-requirements.txt
 golden=()
 [ -n "${GOLDEN:-}" ] && golden=(--golden "$GOLDEN")
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec timeout --signal=INT "${TIMEOUT_S:-540}" \
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec timeout --signal=INT "${TIMEOUT_S:-480}" \
   "$PY" -m engine.tools.gpu_check "${golden[@]}" "$@"

@@ -299,8 +299,8 @@ def _mib(value: Optional[float]) -> str:
 @click.option("--tps", default=None, help="Tensor-parallel degrees of the parity step [default: 1, and 2 where "
               "there are two GPUs].")
 @click.option("--steps", default="parity bench serving", show_default=True, help="Which steps to run.")
-@click.option("--budget-s", type=click.FloatRange(min=60), default=480, show_default=True,
-              help="Seconds for the whole check.")
+@click.option("--budget-s", type=click.FloatRange(min=60), default=450, show_default=True,
+              help="Seconds the steps share (launch/gpu_check.sh stops the check at 480 s whatever happens).")
 def main(device: str, quick: bool, out_dir: Path, workdir: Path, golden: Path, tps: Optional[str], steps: str,
          budget_s: float) -> None:
     """Golden parity, engine.bench and serving throughput on this machine's GPUs: OUT/gpu_check.json + a table."""
@@ -320,6 +320,7 @@ def main(device: str, quick: bool, out_dir: Path, workdir: Path, golden: Path, t
     log = out_dir / "gpu_check.log"
     log.write_text("")
     report: Dict[str, Any] = {"environment": environment(device), "quick": quick, "steps": {}}
+    lines: List[str] = []
 
     def remaining_for(step: str) -> Callable[[], float]:
         return lambda: budget_s - (time.monotonic() - began) - RESERVES[step]
@@ -353,16 +354,22 @@ def main(device: str, quick: bool, out_dir: Path, workdir: Path, golden: Path, t
         except StepFailed as exc:
             report["steps"][name] = {"error": str(exc)}
         report["steps"][name]["wall_s"] = time.monotonic() - started
-    report["wall_s"] = time.monotonic() - began
-    report["targets"] = targets(report)
-    write_json(out_dir / "gpu_check.json", report, indent=1)
-    lines = table(report)
-    (out_dir / "gpu_check.txt").write_text("\n".join(lines) + "\n")
+        lines = write_report(report, out_dir, began)  # after every step: a hard stop keeps what was done
     click.echo("\n".join(lines))
     click.echo(f"wrote {out_dir / 'gpu_check.json'} (log: {log})")
     failed = any("error" in s for s in report["steps"].values()) or \
         report["steps"].get("parity", {}).get("all_passed") is False
     sys.exit(1 if failed else 0)
+
+
+def write_report(report: Dict[str, Any], out_dir: Path, began: float) -> List[str]:
+    """OUT/gpu_check.json and OUT/gpu_check.txt as they stand; the table's lines."""
+    report["wall_s"] = time.monotonic() - began
+    report["targets"] = targets(report)
+    write_json(out_dir / "gpu_check.json", report, indent=1)
+    lines = table(report)
+    (out_dir / "gpu_check.txt").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 @contextlib.contextmanager
