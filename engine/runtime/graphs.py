@@ -102,7 +102,9 @@ class DeviceGraphs:
 
     def capture(self, fn: Callable[[], Outputs]) -> Tuple[Outputs, Callable[[], None]]:
         graph = self.graph_class()
-        with self.module.graph(graph, pool=self.pool, stream=self.stream):
+        # CUDA: only this thread's unsafe calls break the capture, not another thread's (NCCL's watchdog)
+        mode = {"capture_error_mode": "thread_local"} if self.module is torch.cuda else {}
+        with self.module.graph(graph, pool=self.pool, stream=self.stream, **mode):
             outputs = fn()
         return outputs, graph.replay
 

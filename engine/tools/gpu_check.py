@@ -64,11 +64,20 @@ def environment(device: str) -> Dict[str, Any]:
         env["gpus"] = [{"name": torch.cuda.get_device_name(i),
                         "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / (1 << 30), 1)}
                        for i in range(torch.cuda.device_count())]
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
+        env["nccl"] = _nccl_version()
         env["cudnn"] = torch.backends.cudnn.version()
     else:
         env["cpus"] = os.cpu_count()
     return env
+
+
+def _nccl_version() -> Optional[str]:
+    """NCCL's version as torch reports it (a tuple in recent torch, an int such as 2708 in older ones)."""
+    try:
+        version = torch.cuda.nccl.version()
+    except (AttributeError, RuntimeError):
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def golden_cases(golden: Path) -> List[Dict[str, Any]]:
