@@ -139,7 +139,7 @@ def _last_line(log: Path) -> str:
 
 def passed(row: Dict[str, Any]) -> bool:
     """fp32: every output within 1e-4 and the same answers; fp16/bf16: finite, the same top-1 answers."""
-    if not row["finite"] or not row.get("top1_equal", True):
+    if "error" in row or not row["finite"] or not row.get("top1_equal", True):
         return False
     return row["dtype"] != "fp32" or max(row["max_abs_error"].values()) <= FP32_TOLERANCE
 
@@ -151,7 +151,7 @@ def step_parity(device: str, tps: Sequence[int], golden: Path, quick: bool, work
         raise StepFailed(f"no golden cases under {golden} (copy the project's shared/golden there, or --golden)")
     if quick:  # the first case of each family: every code path, a third of the time
         cases = [c for i, c in enumerate(cases) if i == 0 or cases[i - 1]["dir"].parent != c["dir"].parent]
-    rows = []
+    rows, failed = [], []
     for tp in tps:
         with _quiet(log):
             cut = {c["case"]: shard(c["checkpoint"], tp, work / f"golden_tp{tp}" / c["case"], c["extra"])
@@ -159,11 +159,15 @@ def step_parity(device: str, tps: Sequence[int], golden: Path, quick: bool, work
         items = [{"case": c["case"], "inputs": str(c["dir"] / "inputs.safetensors"),
                   "expected": str(c["dir"] / "expected.safetensors"), "dtypes": list(DTYPES),
                   "shards": str(cut[c["case"]])} for c in cases]
-        rows += run_worker(device, tp, {"parity": items}, work, remaining() / len(tps), log)["parity"]
+        try:
+            rows += run_worker(device, tp, {"parity": items}, work, remaining() / len(tps), log)["parity"]
+        except StepFailed as exc:  # the other degree still runs
+            failed.append(str(exc))
     for row in rows:
         row["passed"] = passed(row)
-    return {"cases": [c["case"] for c in cases], "tps": list(tps), "rows": rows,
-            "all_passed": all(row["passed"] for row in rows)}
+    result = {"cases": [c["case"] for c in cases], "tps": list(tps), "rows": rows,
+              "all_passed": bool(rows) and not failed and all(row["passed"] for row in rows)}
+    return {**result, "error": "; ".join(failed)} if failed else result
 
 
 def step_bench(device: str, shards: Path, quick: bool, work: Path, remaining: Callable[[], float],
@@ -171,7 +175,8 @@ def step_bench(device: str, shards: Path, quick: bool, work: Path, remaining: Ca
     spec = {"shards": str(shards), "task": "vqa", "batches": list(BENCH_BATCHES[:2] if quick else BENCH_BATCHES),
             "dtypes": list(BENCH_DTYPES), "warmup": 1 if quick else 5, "iters": 1 if quick else 20}
     reports = run_worker(device, 1, {"bench": spec}, work, remaining(), log)["bench"]
-    return {"rows": [bench_row(r) for r in reports], "reports": reports}
+    return {"rows": [bench_row(r) for r in reports if "error" not in r], "reports": reports,
+            "failed": [r for r in reports if "error" in r]}
 
 
 def bench_row(report: Dict[str, Any]) -> Dict[str, Any]:
@@ -260,8 +265,8 @@ def table(report: Dict[str, Any]) -> List[str]:
         for row in parity["rows"]:
             groups.setdefault((row["family"], row["tp"], row["dtype"], row["graphs"]), []).append(row)
         for (family, tp, dtype, graphs), rows in sorted(groups.items()):
-            worst = max(max(r["max_abs_error"].values()) for r in rows)
-            modes = sorted({r["mode"].split(" (")[0] for r in rows})
+            worst = max((max(r["max_abs_error"].values()) for r in rows if "error" not in r), default=float("nan"))
+            modes = sorted({r["mode"].split(" (")[0] if "mode" in r else "failed" for r in rows})
             lines.append(f"  {family:<5} tp {tp} {dtype:<4} graphs {'on ' if graphs else 'off'} "
                          f"{sum(r['passed'] for r in rows)}/{len(rows)}  max error {worst:.1e}  ran: {'/'.join(modes)}")
     bench = report["steps"].get("bench") or {}
@@ -274,6 +279,12 @@ def table(report: Dict[str, Any]) -> List[str]:
                          f"{r['p50_ms']:7.2f} {r['min_ms']:7.2f} {r['samples_per_s']:9.1f} "
                          f"{r['percent_of_peak']:5.1f} | "
                          f"{r['weights_mib']:8.0f} {_mib(r['activations_mib']):>12} {_mib(r['graph_pool_mib']):>12}")
+        for r in bench.get("failed", []):
+            lines.append(f"  {r['dtype']:<4} {r['batch_size']:>3} {'on ' if r['graphs_requested'] else 'off'} "
+                         f"FAILED: {r['error']}")
+    for r in (parity.get("rows") or []):
+        if "error" in r:
+            lines.append(f"parity {r['case']} tp {r['tp']} {r['dtype']} batch {r['batch']} FAILED: {r['error']}")
     serving = report["steps"].get("serving") or {}
     if "saturated" in serving:
         sat = serving["saturated"]
@@ -367,7 +378,8 @@ def main(device: str, quick: bool, out_dir: Path, workdir: Path, golden: Path, t
     click.echo("\n".join(lines))
     click.echo(f"wrote {out_dir / 'gpu_check.json'} (log: {log})")
     failed = any("error" in s for s in report["steps"].values()) or \
-        report["steps"].get("parity", {}).get("all_passed") is False
+        report["steps"].get("parity", {}).get("all_passed") is False or \
+        bool(report["steps"].get("bench", {}).get("failed"))
     sys.exit(1 if failed else 0)
 
 

@@ -10,11 +10,12 @@ A plan is {"device": ..., "parity": [...], "bench": {...} or null}:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import torch
 from safetensors.torch import load_file
@@ -29,6 +30,7 @@ from ..runtime.shards import read_manifest
 from ..tasks.cli import Engine
 
 LOGITS = ("vqa_logits", "nlvr2_logits")
+COLLECTIVE_TIMEOUT_S = 60.0  # a rank that fails alone stops the launch within this, not the default 10 minutes
 
 
 def compare(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -43,6 +45,16 @@ def compare(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> Dict
     return result
 
 
+@contextlib.contextmanager
+def recorded(row: Dict[str, Any]) -> Iterator[None]:
+    """A configuration that fails is a row with its error, and the next one runs (every rank fails alike: the
+    same inputs and code; a rank failing alone makes its peers' collective time out, which ends the launch)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 (the check reports every failure, whatever it is)
+        row["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
 def parity(ctx, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for item in items:
@@ -53,15 +65,22 @@ def parity(ctx, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         expected = load_file(item["expected"])
         batch = next(iter(inputs.values())).shape[0]
         for dtype in item["dtypes"]:
-            model = load_model(shards, ctx, dtype, manifest)
+            loading = {"case": item["case"], "family": manifest.config.family, "tp": ctx.tp_size, "dtype": dtype,
+                       "graphs": False, "batch": batch}
+            with recorded(loading):
+                model = load_model(shards, ctx, dtype, manifest)
+            if "error" in loading:
+                rows.append(loading)
+                continue
             for graphs in (False, True):
                 graphed = GraphedModel(model, ctx.device, enabled=graphs)
                 for n in sorted({batch, max(1, batch - 1)}, reverse=True):
-                    got = run_task(graphed, task, {k: v[:n] for k, v in inputs.items()})
                     row = {"case": item["case"], "family": manifest.config.family, "tp": ctx.tp_size,
-                           "dtype": dtype, "graphs": graphs, "batch": n,
-                           "mode": graphed.graphs.mode(graph_task(task), n),
-                           **compare(got, {k: v[:n] for k, v in expected.items()})}
+                           "dtype": dtype, "graphs": graphs, "batch": n}
+                    with recorded(row):
+                        got = run_task(graphed, task, {k: v[:n] for k, v in inputs.items()})
+                        row.update(mode=graphed.graphs.mode(graph_task(task), n),
+                                   **compare(got, {k: v[:n] for k, v in expected.items()}))
                     rows.append(row)
             del model
     return rows
@@ -73,14 +92,21 @@ def bench(ctx, spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     task = pick_task(manifest.config, spec.get("task"))
     reports = []
     for dtype in spec["dtypes"]:
-        engine = Engine(ctx=ctx, model=load_model(shards, ctx, dtype, manifest), manifest=manifest, dtype=dtype,
-                        load_s=0.0)
+        loading: Dict[str, Any] = {"dtype": dtype, "batch_size": 0, "graphs_requested": False}
+        with recorded(loading):
+            engine = Engine(ctx=ctx, model=load_model(shards, ctx, dtype, manifest), manifest=manifest,
+                            dtype=dtype, load_s=0.0)
+        if "error" in loading:
+            reports.append(loading)
+            continue
         for batch in spec["batches"]:
             for graphs in (True, False):
-                report = bench_engine(engine, shards, task, batch, spec["warmup"], spec["iters"],
-                                      cuda_graphs=graphs)
-                if report:
-                    reports.append({**report, "graphs_requested": graphs})
+                row: Dict[str, Any] = {"dtype": dtype, "batch_size": batch, "graphs_requested": graphs}
+                with recorded(row):
+                    row.update(bench_engine(engine, shards, task, batch, spec["warmup"], spec["iters"],
+                                            cuda_graphs=graphs))
+                if ctx.is_main:
+                    reports.append(row)
         del engine
     return reports
 
@@ -88,7 +114,7 @@ def bench(ctx, spec: Dict[str, Any]) -> List[Dict[str, Any]]:
 def main(plan_path: str, out_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
     tp = int(os.environ.get("WORLD_SIZE", "1"))
-    ctx = init_parallel(plan["device"], tp)
+    ctx = init_parallel(plan["device"], tp, timeout_s=COLLECTIVE_TIMEOUT_S)
     with torch.inference_mode():
         results = {"parity": parity(ctx, plan.get("parity") or []),
                    "bench": bench(ctx, plan["bench"]) if plan.get("bench") else []}
