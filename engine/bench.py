@@ -65,7 +65,8 @@ def synthetic_inputs(cfg: ModelConfig, task: str, batch: int, device: torch.devi
     lengths = torch.randint(QUESTION_TOKENS[0], min(QUESTION_TOKENS[1], T) + 1, (batch,), generator=gen)
     masks = (torch.arange(T)[None, :] < lengths[:, None]).long()
     special = family_of(cfg).text_ids
-    ids = torch.randint(special.lowest, cfg.vocab_size, (batch, T), generator=gen).masked_fill(masks == 0, special.pad)
+    ids = torch.randint(special.lowest, cfg.vocab_size, (batch, T), generator=gen)
+    ids = ids.masked_fill(masks == 0, special.pad)
     ids[:, 0] = special.first
     ids[torch.arange(batch), lengths - 1] = special.last
     tensors = {"text_ids": ids, "text_masks": masks}

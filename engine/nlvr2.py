@@ -1,4 +1,4 @@
-"""`torchrun --nproc N -m engine.nlvr2`: NLVR2 predictions, accuracy and latency of a sharded VLMo checkpoint.
+"""`torchrun --nproc N -m engine.nlvr2`: NLVR2 predictions, accuracy and latency of a sharded VLMo or BEiT-3.
 
 Each sentence is judged against its pair of images with two joint passes (DESIGN.md §3). The world splits
 into tensor-parallel groups of the shards' tp; each group takes a disjoint share of the sentences and rank 0

@@ -1,4 +1,4 @@
-"""`torchrun --nproc N -m engine.vqa`: VQAv2 answers, accuracy and latency of a sharded VLMo checkpoint.
+"""`torchrun --nproc N -m engine.vqa`: VQAv2 answers, accuracy and latency of a sharded VLMo or BEiT-3.
 
 The world splits into tensor-parallel groups of the shards' tp; each group
 answers a disjoint share of the questions and rank 0 appends every answer to a

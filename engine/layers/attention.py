@@ -46,15 +46,18 @@ class KeySelection:
 
 def select_keys(key_mask: Optional[torch.Tensor], shift: int, options: AttentionOptions,
                 dtype: torch.dtype = torch.float32) -> KeySelection:
-    """KeySelection for key_mask [B, N] (1 = real token) once keys are rolled left by `shift`."""
-    # Batched masking never asks the host whether every key is real: that would sync the device, which a CUDA
-    # graph cannot hold (engine.runtime.graphs); an all-real mask just adds zeros.
-    if key_mask is None or (options.key_masking != BATCHED and bool(key_mask.all())):
+    """KeySelection for key_mask [B, N] (1 = real token) once keys are rolled left by `shift`.
+
+    The batched mask is built without reading the mask on the host (no device sync: CUDA graphs can capture it).
+    """
+    if key_mask is None:
         return KeySelection(shift)
     rolled = key_mask.roll(-shift, dims=1).bool()
     if options.key_masking == BATCHED:
         mask = torch.zeros(rolled.shape, dtype=dtype, device=rolled.device).masked_fill_(~rolled, float("-inf"))
         return KeySelection(shift, additive_mask=mask[:, None, None, :])
+    if bool(rolled.all()):
+        return KeySelection(shift)
     per_sample: List[KeyIndex] = []
     for row in rolled:
         kept = row.nonzero().flatten()

@@ -69,7 +69,8 @@ def default_specs(module: nn.Module, tp: int) -> Dict[str, TensorSpec]:
 def default_convert(module: nn.Module, tensors: Tensors) -> Tensors:
     out = {name: tensors[name] for name, _ in module.named_parameters(recurse=False)}
     for name, child in module.named_children():
-        out.update({f"{name}.{key}": value for key, value in convert_checkpoint(child, subtree(tensors, name)).items()})
+        converted = convert_checkpoint(child, subtree(tensors, name))
+        out.update({f"{name}.{key}": value for key, value in converted.items()})
     return out
 
 

@@ -49,7 +49,8 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext) -> None:
         super().__init__()
-        self.weight = parameter(out_features, _divide(in_features, ctx.tp_size, "an input width"), split=Split(1, why="row-parallel; the bias added once, after the all-reduce"))
+        split = Split(1, why="row-parallel; the bias added once, after the all-reduce")
+        self.weight = parameter(out_features, _divide(in_features, ctx.tp_size, "an input width"), split=split)
         self.bias = parameter(out_features)
         self.ctx = ctx
         self.gelu = False

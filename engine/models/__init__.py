@@ -32,7 +32,8 @@ def recognise(state_dict: Mapping[str, torch.Tensor]) -> Family:
     for family in FAMILIES.values():
         if family.recognises(state_dict):
             return family
-    raise ConfigError(f"not a checkpoint of a family this engine runs ({', '.join(f.title for f in FAMILIES.values())})")
+    titles = ", ".join(f.title for f in FAMILIES.values())
+    raise ConfigError(f"not a checkpoint of a family this engine runs ({titles})")
 
 
 def config_from_dict(data: Dict[str, Any]) -> ModelConfig:

@@ -1,11 +1,10 @@
-"""Where the launcher put this process: rank, world size, local rank — read from the environment once.
+"""Where the launcher put this process: rank, world size, local rank — read from the environment here only.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; so does anything else that starts ranks (a Ray
 actor sets them before it joins the group). Without them the process runs alone.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -26,9 +25,8 @@ class Launch:
         return self.rank == 0
 
 
-@functools.lru_cache(maxsize=None)
 def this_launch() -> Launch:
-    """This process's place in the launch, read once."""
+    """This process's place in the launch, as the launcher's variables say now."""
     env = os.environ
     return Launch(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")),
                   int(env.get("LOCAL_WORLD_SIZE", "1")))

@@ -46,7 +46,8 @@ def plan_table() -> List[Tuple[str, str]]:
     for family in FAMILIES.values():
         for name, spec in checkpoint_layout(family.example).items():
             if spec.split is not None:
-                pattern = re.sub(r"mlp_(text|imag|vl)", "mlp_*", re.sub(r"\.[AB]\.", ".{A,B}.", re.sub(r"\.\d+\.", ".*.", name)))
+                pattern = re.sub(r"\.\d+\.", ".*.", name)  # layers, then experts, folded
+                pattern = re.sub(r"mlp_(text|imag|vl)", "mlp_*", re.sub(r"\.[AB]\.", ".{A,B}.", pattern))
                 module, _, tensor = pattern.rpartition(".")
                 found = suffixes.setdefault((module, spec.split.describe()), [])
                 if tensor not in found:

@@ -82,7 +82,8 @@ class SelfAttention(CheckpointModule):
     def checkpoint_specs(self, tp: int) -> Dict[str, TensorSpec]:
         # published: q_proj, k_proj and v_proj apart; this rank keeps its heads' rows of each
         D = self.out_proj.A.weight.shape[0]
-        specs = {f"{proj}.{e}.{p}": TensorSpec((D, D) if p == "weight" else (D,), Split(0, why="column-parallel: its heads"))
+        heads = Split(0, why="column-parallel: its heads")
+        specs = {f"{proj}.{e}.{p}": TensorSpec((D, D) if p == "weight" else (D,), heads)
                  for proj in ("q_proj", "k_proj", "v_proj") for e in "AB" for p in ("weight", "bias")}
         specs.update({k: v for k, v in default_specs(self, tp).items() if not k.startswith("qkv.")})
         return specs
@@ -98,7 +99,8 @@ class SelfAttention(CheckpointModule):
     def forward(self, parts: Parts, keys: KeySelection) -> torch.Tensor:
         out = attention(join([self.qkv[e](x) for e, x in parts]), self.heads, None, keys, self.options)
         heads = list(zip([e for e, _ in parts], out.split([x.shape[1] for _, x in parts], dim=1)))
-        return reduce_parts([(y, self.out_proj[e]) for e, y in sub_layer_norm(self.inner_attn_ln.__getitem__, heads, self.ctx)])
+        normed = sub_layer_norm(self.inner_attn_ln.__getitem__, heads, self.ctx)
+        return reduce_parts([(y, self.out_proj[e]) for e, y in normed])
 
 
 class EncoderLayer(nn.Module):

@@ -175,7 +175,8 @@ class VLMo(MultiwayModel):
         D = cfg.embed_dim
         if cfg.relative_position_bias:  # columns are (layer, head): this rank keeps its heads of every layer
             heads = cfg.depth * cfg.num_heads // ctx.tp_size
-            self.relative_position_bias_table = parameter(cfg.rel_table_rows, heads, split=Split(1, cfg.depth, "its heads of every layer"))
+            split = Split(1, cfg.depth, "its heads of every layer")
+            self.relative_position_bias_table = parameter(cfg.rel_table_rows, heads, split=split)
         self.transformer = MultiwayTransformer(cfg, ctx, self.attention_options)
         self.text_embeddings = TextEmbeddings(cfg)
         self.token_type_embeddings = embedding(cfg.num_token_types, D)
