@@ -201,7 +201,7 @@ def step_serving(device: str, shards: Path, arrow: Path, dtype: str, quick: bool
     if missing:
         raise StepFailed(f"the server needs {', '.join(missing)}: install them from the wheel folder "
                          f"(README §GPU check: WHEELS=dir make gpu-check)")
-    from ..loadgen import request_body, samples_from_arrow
+    from ..serving.client import request_body, samples_from_arrow
     from .bench_serve import ServerProcess, load
 
     samples = samples_from_arrow(arrow, "val")
@@ -348,7 +348,7 @@ def main(device: str, quick: bool, out_dir: Path, workdir: Path, golden: Path, t
 
     def demo_assets() -> Dict[str, Path]:
         if not assets:
-            from ..demo import prepare_assets
+            from .demo_pipeline import prepare_assets
 
             try:
                 with _quiet(log):
