@@ -143,9 +143,8 @@ class _Server(uvicorn.Server):
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          answers_path: Optional[Path], host: str, port: int, max_batch_size: int, max_wait_ms: float,
          cuda_graphs: bool, max_queue: int, max_image_bytes: int, max_image_pixels: int,
-         max_body_bytes: Optional[int],
-         request_timeout_s: float, drain_timeout_s: float, preprocess_threads: int, model_id: Optional[str],
-         vocab: Optional[Path], tokenizer_path: Optional[Path]) -> None:
+         max_body_bytes: Optional[int], request_timeout_s: float, drain_timeout_s: float, preprocess_threads: int,
+         model_id: Optional[str], vocab: Optional[Path], tokenizer_path: Optional[Path]) -> None:
     """Serve the sharded checkpoint in SHARDS over HTTP: VQA, OpenAI chat, embeddings, NLVR2, metrics, a web page."""
     manifest = read_manifest(shard_dir)
     check_launch(manifest, shard_dir)

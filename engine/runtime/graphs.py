@@ -12,13 +12,13 @@ token), so padding changes no real row.
 Capture follows what vLLM does for its decoder graphs: eager warm-up runs first, on the side stream the capture
 then uses (lazy initialisation — cuBLAS workspaces, the tensor-parallel group's NCCL communicator, the model's
 position-bias cache — must not happen inside a capture), and every graph shares one memory pool, so that the
-smaller ones reuse the memory of the largest when it is captured first (the server's warm-up goes largest first). At tp > 1 the model's all-reduce is captured into
-the graph: torch.distributed's NCCL backend records its collective on its own stream joined to the capturing
-one by events, which CUDA captures as graph dependencies, so a replay runs the all-reduce with the rest (every
-rank replays the same bucket at the same step, as every rank runs the same forward). A forward that cannot be
-captured (it syncs with the host, e.g. per-sample key selection: CUDA's sync debug mode catches that in the
-warm-up, before any capture) is run eagerly from then on, with the reason kept in `skipped`; so is a batch above
-the largest bucket.
+smaller ones reuse the memory of the largest when it is captured first (the server's warm-up goes largest
+first). At tp > 1 the model's all-reduce is captured into the graph: torch.distributed's NCCL backend records
+its collective on its own stream joined to the capturing one by events, which CUDA captures as graph
+dependencies, so a replay runs the all-reduce with the rest (every rank replays the same bucket at the same
+step, as every rank runs the same forward). A forward that cannot be captured (it syncs with the host, e.g. the
+CPU's per-sample key selection: CUDA's sync debug mode catches that in the warm-up, before any capture) is run
+eagerly from then on, with the reason kept in `skipped`; so is a batch above the largest bucket.
 
 On Ascend NPUs the same runs through torch_npu's graph mode (torch.npu.NPUGraph, torch.npu.graph) where that
 torch_npu has it; elsewhere, and on the CPU, graphs are off with a one-line reason (`reason`).
