@@ -48,6 +48,8 @@ class ServerState:
     request_timeout_s: float
     max_body_bytes: int
     created: int
+    # More of /health's body, asked in the thread pool (engine.ray_serve: this replica and the running ones).
+    fleet: Optional[Callable[[], Dict[str, Any]]] = None
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -109,7 +111,7 @@ def build_app(state: ServerState) -> FastAPI:
             return error_response(503, state.runner.failure)
         if not state.runner.ready:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": RETRY_AFTER})
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", **(await offload(state.fleet) if state.fleet else {})})
 
     @app.get("/v1/models")
     async def models() -> Dict[str, Any]:
