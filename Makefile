@@ -23,7 +23,7 @@ DTYPES ?= fp32 bf16
 BENCH_ITERS ?= 3
 BENCH_ARGS ?=
 
-.PHONY: install test shard verify clean demo bench serve bench-serve
+.PHONY: install test shard verify clean demo bench serve bench-serve bench-ray-serve
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ serve: install
 BENCH_SERVE_ARGS ?=
 bench-serve: install
 	$(PY) -m engine.tools.bench_serve $(BENCH_SERVE_ARGS)
+
+# engine.ray_serve against engine.serve on the same shards: the per-request overhead of Ray Serve.
+BENCH_RAY_SERVE_ARGS ?=
+bench-ray-serve: install
+	$(PY) -m engine.tools.bench_ray_serve $(BENCH_RAY_SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import click
 
@@ -23,6 +23,9 @@ from .runtime.shards import read_manifest
 from .serve import listen
 from .serving.setup import ServerOptions, read_served, server_options
 from .tasks.cli import UsageError, engine_options, one_line_errors
+
+if TYPE_CHECKING:
+    from .serving.ray_app import GroupSpec
 
 APP = "vlmo"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
@@ -97,7 +100,7 @@ def check_fits(bundle: Dict[str, float], tp: int) -> None:
 
 
 def group_spec(shard_dir: Path, options: ServerOptions, device: str, dtype: Optional[str], threads: Optional[int],
-               timeout_s: float, cpus_per_rank: float) -> Any:
+               timeout_s: float, cpus_per_rank: float) -> "GroupSpec":
     """The replicas' plan, once Ray is up: the device the cluster has, a rank's resources, the threads."""
     from .serving.ray_app import GroupSpec, rank_resources
 
@@ -142,7 +145,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())
-    deployed = False
+    started = False  # Serve, and (being) deployed
     try:
         spec = group_spec(shard_dir, options, device, dtype, threads, timeout_s, cpus_per_rank)
         serve.start(http_options={"host": options.host, "port": options.port,
@@ -150,7 +153,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         url = f"http://{options.host}:{options.port}"
         click.echo(f"listening on {url} (starting {replicas} replica(s) of tp {spec.tp} on {spec.device})",
                    err=True)
-        deployed = True
+        started = True
         try:
             serve.run(application(spec, replicas, scale), name=APP, route_prefix="/")
         except RuntimeError as exc:  # a replica could not start (its error is in the log above)
@@ -161,31 +164,38 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
             pass
         click.echo("draining: answering the requests in flight, then stopping", err=True)
     finally:
-        _stop(own_ray=address is None, deployed=deployed)
+        _stop(own_ray=address is None, started=started)
 
 
-def _stop(own_ray: bool, deployed: bool) -> None:
+def _stop(own_ray: bool, started: bool) -> None:
     """Serve drains the replicas (--drain-timeout) as it deletes them; a Ray the command started stops too."""
     import ray
     from ray import serve
 
-    if deployed:
-        serve.shutdown() if own_ray else serve.delete(APP)
+    if started and own_ray:
+        serve.shutdown()
+    elif started:
+        serve.delete(APP)
     if own_ray:
         ray.shutdown()
 
 
-def build(args: Dict[str, Any]) -> Any:
-    """The application for `serve run` / `serve deploy` (import_path: engine.ray_serve:build), from the same
-    options as the command: `args` maps option names (shards, answers, replicas, autoscale, ...) to values."""
+def build_params(args: Dict[str, Any]) -> Dict[str, Any]:
+    """A Serve config's `args` (option names without the dashes) parsed as the command parses its options."""
     argv = []
     for key, value in args.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    params = main.make_context("engine.ray_serve", argv).params
-    options = ServerOptions(**{k: params[k] for k in ServerOptions.__dataclass_fields__})
-    read_served(params["shard_dir"], options)
+    return main.make_context("engine.ray_serve", argv).params
+
+
+def build(args: Dict[str, Any]) -> Any:
+    """The application for `serve run` / `serve deploy` configs (import_path: engine.ray_serve:build), from the
+    command's options: `args` maps their names (shards, answers, replicas, autoscale, ...) to values."""
     from .serving.ray_app import application
 
+    params = build_params(args)
+    options = ServerOptions(**{k: params[k] for k in ServerOptions.__dataclass_fields__})
+    read_served(params["shard_dir"], options)
     spec = group_spec(params["shard_dir"], options, params["device"], params["dtype"], params["threads"],
                       params["timeout_s"], params["cpus_per_rank"])
     return application(spec, params["replicas"], parse_autoscale(params["autoscale"]))

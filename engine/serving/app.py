@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException
 from ..runtime.families import ModelConfig
 from .batcher import Batcher, Job, QueueFull, Result, Unavailable
 from .metrics import ServerMetrics
-from .middleware import RETRY_AFTER, BodyLimit, Counted, error_response
+from .asgi import RETRY_AFTER, error_response
+from .middleware import BodyLimit, Counted
 from .page import page_html
 from .payloads import (Prepared, Preprocessor, chat_response, embeddings_response, nlvr2_response, required,
                        top_k_of, vqa_response)

@@ -21,9 +21,9 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 from prometheus_client import generate_latest
@@ -32,7 +32,6 @@ from ray import serve
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ..runtime.shards import read_manifest
 from .app import ServerState, build_app
 from .metrics import ServerMetrics
 from .setup import ServerOptions, follow_rank_zero, load_rank_zero, new_state, read_served
@@ -41,6 +40,7 @@ HEALTH_CHECK_S = 2.0  # how often Serve asks a replica whether its group is whol
 HEALTH_CHECK_TIMEOUT_S = 20.0
 FLEET_CACHE_S = 1.0  # /health asks the controller at most this often
 CONSTRUCTOR_RETRIES = 3  # a replica whose group cannot form is retried this often, then the deploy fails
+RANK_START_S = 300.0  # a rank actor's process start (a fresh Python importing torch) and its scheduling
 
 
 @dataclass
@@ -131,30 +131,38 @@ class GroupReplica:
         context = serve.get_replica_context()
         self.app_name, self.deployment = context.app_name, context.deployment
         self.replica = context.replica_id.unique_id
-        served = read_served(spec.shard_dir, spec.options, read_manifest(spec.shard_dir))
+        served = read_served(spec.shard_dir, spec.options)
         self.state: ServerState = new_state(served, spec.options, spec.dtype, spec.timeout_s, self._fatal,
                                             ReplicaMetrics(self.replica))
         self.state.fleet = self._fleet
-        self._fleet_seen = (0.0, {})
-        self.ranks, self.following = self._start_ranks(spec)
+        self._fleet_seen: Tuple[float, Dict[str, int]] = (0.0, {})
+        self.ranks = self._start_ranks(spec)
+        self.following: List[ray.ObjectRef] = []  # each rank's `follow`, once the rank actors are up
         self._loaded = threading.Event()
         self._engine = threading.Thread(target=self._load_and_run, args=(spec,), daemon=True, name="engine")
         self._engine.start()
         threading.Thread(target=self.state.runner.watch, daemon=True, name="watchdog").start()
         await asyncio.get_running_loop().run_in_executor(None, self._wait_loaded)
 
-    def _start_ranks(self, spec: GroupSpec) -> tuple:
-        """Ranks 1..tp-1 as actors in this replica's bundles 1..tp-1; this process takes rank 0's variables."""
-        master = (ray.util.get_node_ip_address(), free_port())
-        os.environ.update(rank_env(0, spec.tp, *master))
+    def _start_ranks(self, spec: GroupSpec) -> List[Any]:
+        """Ranks 1..tp-1 as actors in this replica's bundles 1..tp-1 (their processes start meanwhile)."""
         group = get_current_placement_group()
-        ranks = [RankActor.options(**spec.rank_resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        return [RankActor.options(**spec.rank_resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
             group, placement_group_bundle_index=rank)).remote() for rank in range(1, spec.tp)]
-        following = [actor.follow.remote(rank_env(rank, spec.tp, *master), spec)
-                     for rank, actor in enumerate(ranks, start=1)]
-        return ranks, following
 
     def _load_and_run(self, spec: GroupSpec) -> None:
+        """The engine thread: form the group (this process is rank 0), load, then run batches."""
+        try:
+            # --timeout bounds the joining, not the start of the rank processes (slow on a busy machine)
+            ray.get([actor.pid.remote() for actor in self.ranks], timeout=RANK_START_S)
+        except Exception as exc:
+            self.state.runner.fail(f"the ranks did not start within {RANK_START_S:g} s: {_first_sentence(exc)}")
+            self._loaded.set()
+            return
+        master = (ray.util.get_node_ip_address(), free_port())
+        os.environ.update(rank_env(0, spec.tp, *master))
+        self.following = [actor.follow.remote(rank_env(rank, spec.tp, *master), spec)
+                          for rank, actor in enumerate(self.ranks, start=1)]
         loaded = load_rank_zero(self.state, spec.shard_dir, spec.device, spec.dtype, spec.threads, spec.timeout_s)
         self._loaded.set()
         if loaded:
@@ -214,7 +222,7 @@ class GroupReplica:
             ray.kill(actor)
 
 
-def deployment_options(spec: GroupSpec, replicas: int, autoscale: Optional[tuple]) -> Dict[str, Any]:
+def deployment_options(spec: GroupSpec, replicas: int, autoscale: Optional[Tuple[int, int]]) -> Dict[str, Any]:
     """Serve's options for the deployment, its bounds taken from the server's own options."""
     options = spec.options
     bundle = spec.bundle()
@@ -244,7 +252,7 @@ def deployment_options(spec: GroupSpec, replicas: int, autoscale: Optional[tuple
     }
 
 
-def application(spec: GroupSpec, replicas: int, autoscale: Optional[tuple] = None) -> serve.Application:
+def application(spec: GroupSpec, replicas: int, autoscale: Optional[Tuple[int, int]] = None) -> serve.Application:
     """The Serve application: `replicas` (or autoscaled) tensor-parallel groups behind one HTTP route."""
     return serve.deployment(GroupReplica, name="vlmo").options(
-        **deployment_options(spec, replicas, autoscale)).bind(replace(spec))
+        **deployment_options(spec, replicas, autoscale)).bind(spec)

@@ -12,13 +12,12 @@ from typing import Any, Callable, Dict, List
 
 from starlette.middleware import Middleware
 
-from .middleware import _HttpOnly, error_response
+from .asgi import HttpOnly, error_response
 
-CALLBACK = "engine.serving.ray_proxy:middlewares"
 REFUSED = (408, 500, 503)  # the proxy's own failures: the request was not answered, retrying may work
 
 
-class JsonErrors(_HttpOnly):
+class JsonErrors(HttpOnly):
     async def http(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
         held: Dict[str, Any] = {}
 
