@@ -70,8 +70,9 @@ def start_ray(address: Optional[str], num_cpus: Optional[int], object_store_mb: 
         return
     # The proxy's plain-text errors become engine.serve's JSON ones (a `ray start` cluster: export it there).
     os.environ.setdefault(PROXY_CALLBACK_ENV, "engine.serving.ray_proxy:middlewares")
+    # A Ray of this machine only: its processes talk over the loopback, not on the network.
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb << 20,
-             logging_level="WARNING", namespace="vlmo")
+             logging_level="WARNING", namespace="vlmo", _node_ip_address="127.0.0.1")
 
 
 def cluster_device(device: str) -> str:

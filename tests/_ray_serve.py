@@ -22,7 +22,8 @@ from _serve import Server
 AUTH_MODE = "RAY_AUTH_MODE"
 CLUSTER = """
 import os, sys, time, ray
-ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 << 20, logging_level="WARNING")
+ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 << 20, logging_level="WARNING",
+         _node_ip_address="127.0.0.1")
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()  # until the test closes it
 ray.shutdown()
