@@ -20,8 +20,7 @@ import click
 
 from .options import option_group
 from .runtime.shards import read_manifest
-from .serve import listen
-from .serving.setup import ServerOptions, read_served, server_options
+from .serving.setup import ServerOptions, listen, read_served, server_options
 from .tasks.cli import UsageError, engine_options, one_line_errors
 
 if TYPE_CHECKING:

@@ -9,10 +9,7 @@ accepting, finishes what is in flight and exits 0; a rank that dies or hangs fai
 """
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,40 +18,22 @@ from typing import Any, Optional
 import click
 import uvicorn
 
+from .runtime.launch import exit_process, this_launch
 from .runtime.shards import Manifest, read_manifest
 from .serving.app import build_app
-from .serving.setup import (ServerOptions, follow_rank_zero, load_rank_zero, new_state, read_served,
+from .serving.setup import (ServerOptions, follow_rank_zero, listen, load_rank_zero, new_state, read_served,
                             server_options)
 from .tasks.cli import UsageError, engine_options, one_line_errors
 
 STOP_GRACE_S = 10.0  # SIGTERM: a rank other than 0 leaves on its own if rank 0 has not stopped it by then
 
 
-def launched_ranks() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def check_launch(manifest: Manifest, shard_dir: Path) -> None:
-    world = launched_ranks()
+    world = this_launch().world_size
     if world != manifest.tp:
         raise UsageError(f"{shard_dir} is cut for tp {manifest.tp} and engine.serve runs one model copy: launch "
                          f"--nproc-per-node {manifest.tp}, not {world} processes (for more copies start one "
                          f"server per group of {manifest.tp} chips, each with its own --port)")
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """Bind before loading anything, so a taken port is one line at once, not a failure after the load."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float) -> None:
@@ -66,7 +45,7 @@ def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional
             follow_rank_zero(shard_dir, device, dtype, threads, timeout_s)
             outcome.append(0)
         except Exception as exc:  # rank 0 went away, or a collective failed
-            click.echo(f"error: rank {os.environ.get('RANK')}: {exc}", err=True)
+            click.echo(f"error: rank {this_launch().rank}: {exc}", err=True)
             outcome.append(1)
 
     deadline = []
@@ -78,7 +57,7 @@ def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional
     worker.start()
     while worker.is_alive() and not (deadline and time.monotonic() > deadline[0]):
         worker.join(0.2)  # short waits keep the main thread free to run the signal handler
-    _exit(outcome[0] if outcome else 1)
+    exit_process(outcome[0] if outcome else 1)
 
 
 class _Server(uvicorn.Server):
@@ -92,13 +71,6 @@ class _Server(uvicorn.Server):
         threading.Thread(target=self.on_exit, daemon=True).start()
 
 
-def _exit(code: int) -> None:
-    # A distributed rank skips interpreter teardown: gloo threads can abort a finished process there.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 @click.command()
 @engine_options
 @server_options
@@ -110,7 +82,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     manifest = read_manifest(shard_dir)
     check_launch(manifest, shard_dir)
     served = read_served(shard_dir, options, manifest)  # every rank refuses a missing tokenizer, before loading
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not this_launch().is_main:
         follow(shard_dir, device, dtype, threads, timeout_s)
     sock = listen(options.host, options.port)
     server: Optional[_Server] = None
@@ -143,7 +115,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     server.run(sockets=[sock])  # returns after SIGTERM/SIGINT (in-flight requests answered) or a fatal error
     batcher.close()
     engine_thread.join(timeout=max(1.0, STOP_GRACE_S - options.drain_timeout_s))
-    _exit(1 if runner.failure or engine_thread.is_alive() else 0)
+    exit_process(1 if runner.failure or engine_thread.is_alive() else 0)
 
 
 if __name__ == "__main__":

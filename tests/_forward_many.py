@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from engine.atomic import write_safetensors
-from engine.forward import check_finite_outputs, pick_task, read_inputs, run_task
+from engine.forward import check_finite_outputs, read_inputs, run_task
 from engine.runtime.distributed import init_parallel
 from engine.runtime.loading import load_model
 from engine.runtime.shards import read_manifest
+from engine.tasks.cli import pick_task
 
 
 def main(plan_path: str) -> None:

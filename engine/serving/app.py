@@ -17,17 +17,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..runtime.families import ModelConfig
+from ..models import ModelConfig
+from .asgi import RETRY_AFTER, error_response
 from .batcher import Batcher, Job, QueueFull, Result, Unavailable
 from .metrics import ServerMetrics
-from .asgi import RETRY_AFTER, error_response
 from .middleware import BodyLimit, Counted
 from .page import page_html
 from .payloads import (Prepared, Preprocessor, chat_response, embeddings_response, nlvr2_response, required,
                        top_k_of, vqa_response)
 from .preprocess import RequestError, check_image_size
 from .runner import Runner
-from .tasks import IMAGE_EMBEDDING, NLVR2, VQA
+from ..models.tasks import IMAGE_EMBEDDING, NLVR2, VQA
 
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/vqa", "/v1/chat/completions", "/v1/embeddings",
              "/v1/nlvr2")

@@ -6,6 +6,7 @@ anything loads or any process starts.
 """
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,12 +15,13 @@ from typing import Any, Callable, List, Optional
 
 import click
 
+from ..data.vqav2 import answer_table
+from ..models import ModelConfig
+from ..models.tasks import VQA, served_tasks
 from ..options import option_group
-from ..runtime.families import ModelConfig
 from ..runtime.shards import Manifest, read_manifest
 from ..tasks.cli import Engine, UsageError, start_engine
 from ..tasks.tokenizers import make_tokenizer, tokenizer_option
-from ..vqa import answer_table
 from .app import ServerState
 from .batcher import Batcher
 from .group import GroupChannel
@@ -27,7 +29,7 @@ from .metrics import ServerMetrics
 from .payloads import Preprocessor
 from .preprocess import Limits
 from .runner import Runner
-from .tasks import VQA, ServedModel, served_kinds
+from .tasks import ServedModel
 
 
 @dataclass
@@ -107,7 +109,7 @@ def read_served(shard_dir: Path, options: ServerOptions, manifest: Optional[Mani
     """The checkpoint's heads, answer table and tokenizer; one UsageError (or DataError) line for what is missing."""
     manifest = manifest or read_manifest(shard_dir)
     cfg = manifest.config
-    kinds = served_kinds(cfg)
+    kinds = served_tasks(cfg)
     if not kinds:
         raise UsageError(f"{shard_dir}: the checkpoint has no task head to serve (VQA, NLVR2 or retrieval)")
     answers = None
@@ -118,6 +120,21 @@ def read_served(shard_dir: Path, options: ServerOptions, manifest: Optional[Mani
         answers = answer_table(options.answers_path, cfg.vqa_labels)
     tokenizer = make_tokenizer(cfg, options.tokenizer_path, options.vocab)
     return Served(shard_dir=shard_dir, manifest=manifest, kinds=kinds, answers=answers, tokenizer=tokenizer)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before loading anything, so a taken port is one line at once, not a failure after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def model_name(manifest: Manifest, shard_dir: Path) -> str:

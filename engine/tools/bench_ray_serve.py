@@ -20,10 +20,10 @@ from typing import Any, Dict, List, Optional
 import click
 
 from ..atomic import write_json
-from ..demo import prepare_assets
-from ..loadgen import request_body, samples_from_arrow
+from ..serving.client import request_body, samples_from_arrow
 from .bench_serve import TP, ServerProcess, asset_options, load, server_args
 from .bench_study import _free_port
+from .demo_pipeline import prepare_assets
 
 
 class RayServerProcess(ServerProcess):
