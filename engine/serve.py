@@ -20,7 +20,9 @@ import uvicorn
 
 from .runtime.launch import exit_process, this_launch
 from .runtime.shards import Manifest, read_manifest
+from .models.tasks import TEXT_EMBEDDING
 from .serving.app import build_app
+from .serving.search import SearchIndex
 from .serving.setup import (ServerOptions, follow_rank_zero, listen, load_rank_zero, new_state, read_served,
                             server_options)
 from .tasks.cli import UsageError, engine_options, one_line_errors
@@ -74,16 +76,23 @@ class _Server(uvicorn.Server):
 @click.command()
 @engine_options
 @server_options
+@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
+              help="An image index (python -m engine.index build) to serve: POST /v1/search, GET /v1/images/{id} "
+                   "and the search page /search.")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-         **serving: Any) -> None:
-    """Serve the sharded checkpoint in SHARDS over HTTP: VQA, OpenAI chat, embeddings, NLVR2, metrics, a web page."""
+         index_dir: Optional[Path], **serving: Any) -> None:
+    """Serve the sharded checkpoint in SHARDS over HTTP: VQA, OpenAI chat, embeddings, NLVR2, image search (--index),
+    metrics, web pages."""
     options = ServerOptions(**serving)
     manifest = read_manifest(shard_dir)
     check_launch(manifest, shard_dir)
     served = read_served(shard_dir, options, manifest)  # every rank refuses a missing tokenizer, before loading
+    if index_dir is not None and TEXT_EMBEDDING not in served.kinds:
+        raise UsageError(f"--index {index_dir}: {shard_dir} has no retrieval head to embed queries with")
     if not this_launch().is_main:
         follow(shard_dir, device, dtype, threads, timeout_s)
+    search = SearchIndex.open(index_dir, manifest, shard_dir) if index_dir is not None else None  # rank 0's alone
     sock = listen(options.host, options.port)
     server: Optional[_Server] = None
 
@@ -93,6 +102,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
             server.should_exit = True
 
     state = new_state(served, options, dtype, timeout_s, on_fatal)
+    state.search = search
     batcher, runner = state.batcher, state.runner
     server = _Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=options.drain_timeout_s, lifespan="off"))
@@ -102,8 +112,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
 
     def load_and_serve() -> None:
         if load_rank_zero(state, shard_dir, device, dtype, threads, timeout_s):
-            click.echo(f"ready: {state.model_id} ({', '.join(served.kinds)}; tp {manifest.tp}, {state.dtype})",
-                       err=True)
+            searching = f"; searching {index_dir} ({len(search.store)} images, /search)" if search else ""
+            click.echo(f"ready: {state.model_id} ({', '.join(served.kinds)}; tp {manifest.tp}, {state.dtype})"
+                       f"{searching}", err=True)
             runner.loop()
 
     # uvicorn re-raises the signal after its graceful shutdown, into the handler in place before it: these.
