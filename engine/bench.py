@@ -26,6 +26,7 @@ from .forward import TASK_INPUTS, pick_task, run_task
 from .runtime.config import VLMoConfig
 from .runtime.distributed import ParallelContext, barrier, gather_objects, synchronize
 from .runtime.kernels import bf16_matmul_units, gemm_peak_gflops
+from .layers.int8 import gemm_peak_gops
 from .runtime.loading import DTYPES, load_model
 from .runtime.shards import read_manifest
 from .tasks.cli import Engine, engine_options, one_line_errors, start_engine, writable
@@ -86,10 +87,13 @@ def gemm_shapes(cfg: VLMoConfig, tp: int, task: str, batch: int) -> List[Tuple[i
     return sorted(shapes)
 
 
-def peak_gflops(cfg: VLMoConfig, tp: int, task: str, batch: int, dtype: torch.dtype,
-                device: torch.device) -> float:
-    """The best torch.mm rate over the forward's own GEMM shapes (CPU); a square GEMM of that size elsewhere."""
+def peak_gflops(cfg: VLMoConfig, tp: int, task: str, batch: int, dtype: str, device: torch.device) -> float:
+    """The best torch.mm rate over the forward's own GEMM shapes (CPU); a square GEMM of that size elsewhere.
+    int8: the best W8A8 linear rate over those shapes (engine.layers.int8), on either device."""
     shapes = gemm_shapes(cfg, tp, task, batch)
+    if dtype == "int8":
+        return gemm_peak_gops(shapes, device)
+    dtype = DTYPES[dtype]
     if device.type == "cpu":
         return gemm_peak_gflops(shapes, dtype)
     m, k, n = max(shapes, key=lambda s: s[0] * s[1] * s[2])
@@ -105,9 +109,7 @@ def peak_gflops(cfg: VLMoConfig, tp: int, task: str, batch: int, dtype: torch.dt
 
 def device_name(device: torch.device) -> str:
     if device.type == "cpu":
-        flags = _cpu_flags()
-        isa = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else "avx2" if \
-            "avx2" in flags else platform.machine()
+        isa = cpu_isa(_cpu_flags())
         # What the kernels use can be less than the CPU has (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): say both.
         aten = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
         onednn_bf16 = "yes" if bf16_matmul_units() else "no"
@@ -115,6 +117,16 @@ def device_name(device: torch.device) -> str:
                 f"oneDNN bf16 {onednn_bf16})")
     module = getattr(torch, device.type)
     return f"{device.type}: {module.get_device_name(device)}"
+
+
+# The flags that decide which kernels pay: VNNI for int8, AVX512-BF16 and AMX for bf16.
+ISA_EXTRAS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_isa(flags: set) -> str:
+    """E.g. "avx512f+avx512_vnni+avx512_bf16": the widest vector ISA and the extensions int8 and bf16 use."""
+    base = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
+    return "+".join([base] + [f for f in ISA_EXTRAS if f in flags])
 
 
 def _cpuinfo_field(field: str) -> str:
@@ -171,8 +183,16 @@ def compare_fp32(shard_dir: Path, engine: Engine, task: str, inputs: Dict[str, t
     reference = load_model(shard_dir, engine.ctx, "fp32", engine.manifest)
     want = run_task(reference, task, inputs)
     del reference
-    deviation = {name: float((got[name].float() - want[name]).abs().max()) for name in want}
-    report: Dict[str, Any] = {"max_abs_diff": deviation}
+    return output_agreement(got, want)
+
+
+def output_agreement(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Per output: the max absolute difference and the min per-sample cosine; for logits, top-1 agreement."""
+    report: Dict[str, Any] = {
+        "max_abs_diff": {name: float((got[name].float() - want[name]).abs().max()) for name in want},
+        "min_cosine": {name: float(torch.nn.functional.cosine_similarity(
+            got[name].float().flatten(1), want[name].float().flatten(1), dim=-1).min()) for name in want},
+    }
     logits = next((name for name in ("vqa_logits", "nlvr2_logits") if name in want), None)
     if logits:
         report["top1_agreement"] = float((got[logits].argmax(-1) == want[logits].argmax(-1)).float().mean())
@@ -189,13 +209,13 @@ def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optio
 
     timed = time_forward(engine, task, inputs, warmup, iters)
     barrier(ctx)
-    peak = peak_gflops(cfg, ctx.tp_size, task, batch_size, DTYPES[dtype], ctx.device)
+    peak = peak_gflops(cfg, ctx.tp_size, task, batch_size, dtype, ctx.device)
     accuracy = compare_fp32(shard_dir, engine, task, inputs, run_task(model, task, inputs)) \
         if check_fp32 and dtype != "fp32" else None
     mine = {
         "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"],
         "subln_s": timed["subln_s"], "peak": peak,
-        "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes(model.parameters()),
+        "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes([*model.parameters(), *model.buffers()]),
         "position_bias": _module_bytes(model.cached_position_biases()),
         "linear_kernels": model.linear_kernels,
     }
@@ -251,7 +271,14 @@ def summary_line(report: Dict[str, Any]) -> str:
             f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%), "
             f"all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward"
             + (f" (Sub-LN statistics {report['subln_allreduce_ms_per_forward']:.1f})"
-               if report["subln_allreduce_ms_per_forward"] else ""))
+               if report["subln_allreduce_ms_per_forward"] else "")
+            + (_agreement_text(report["vs_fp32"]) if "vs_fp32" in report else ""))
+
+
+def _agreement_text(vs: Dict[str, Any]) -> str:
+    top1 = f"top-1 {100 * vs['top1_agreement']:.0f}%, " if "top1_agreement" in vs else ""
+    return (f"; vs fp32: {top1}min cosine {min(vs['min_cosine'].values()):.5f}, "
+            f"max |diff| {max(vs['max_abs_diff'].values()):.3g}")
 
 
 @click.command()
@@ -263,7 +290,8 @@ def summary_line(report: Dict[str, Any]) -> str:
 @click.option("--task", type=click.Choice(sorted(TASK_INPUTS)), default=None,
               help="Task forward to time [default: the checkpoint's only head].")
 @click.option("--check-fp32", is_flag=True,
-              help="Also run an fp32 copy of the shard on the same inputs and report the output deviation.")
+              help="Also run an fp32 copy of the shard on the same inputs and report the output deviation, "
+                   "the per-sample cosine and the top-1 agreement.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Write the report here (rank 0).")
 @one_line_errors

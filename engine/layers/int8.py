@@ -92,6 +92,11 @@ class Int8Linear(nn.Module):
         else:
             raise ValueError(f"unknown int8 kernel {kernel!r}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype its inputs come in (callers cast activations to their linear's weight dtype)."""
+        return torch.float32
+
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False) -> torch.Tensor:
         lead = x.shape[:-1]
         q, row_scale = quantize_tokens(x.reshape(-1, self.in_features))
@@ -151,3 +156,15 @@ def choose_kernels(weights: Iterable[torch.Tensor], tokens: int) -> Dict[Shape, 
             times = time_kernels(weight, tokens, kernels) if len(kernels) > 1 else {kernels[0]: 0.0}
             choice[shape] = min(times, key=times.get)
     return choice
+
+
+def gemm_peak_gops(shapes: Iterable[Tuple[int, int, int]], device: torch.device, repeats: int = 5) -> float:
+    """Best W8A8 rate (2·M·K·N per second, quantisation of x and scaling included) over (M, K, N) GEMMs."""
+    best = 0.0
+    for m, k, n in shapes:
+        weight = torch.randn(n, k, device=device)
+        x = torch.randn(m, k, device=device)
+        for kernel in kernels_for(device):
+            layer = Int8Linear(weight, kernel)
+            best = max(best, 2 * m * k * n / best_seconds(lambda: _synced(layer(x)), repeats) / 1e9)
+    return best

@@ -90,6 +90,9 @@ class ActivationRanges:
             hook.remove()
         self._hooks = []
 
+    def __contains__(self, module: nn.Module) -> bool:
+        return id(module) in self.ranges
+
     def __getitem__(self, module: nn.Module) -> torch.Tensor:
         if id(module) not in self.ranges:
             raise KeyError("no calibration batch reached this layer")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Dict, Iterable, Tuple
+from typing import Callable, Dict, Iterable, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,12 @@ PLAIN_MARGIN = 0.1
 LinearKey = Tuple[Tuple[int, int], bool, bool]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, gelu: bool = False) -> torch.Tensor:
-    """x Wᵀ + b, then exact GELU if asked: one fused oneDNN call for a packed weight, else F.linear."""
+def linear(x: torch.Tensor, weight: Union[torch.Tensor, torch.nn.Module], bias: torch.Tensor = None, gelu: bool = False) -> torch.Tensor:
+    """x Wᵀ + b, then exact GELU if asked: one fused oneDNN call for a packed weight, else F.linear.
+
+    A weight that is a module (engine.layers.int8.Int8Linear) computes the whole step itself."""
+    if isinstance(weight, torch.nn.Module):
+        return weight(x, bias, gelu)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")
