@@ -217,7 +217,7 @@ def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optio
         "subln_s": timed["subln_s"], "peak": peak,
         "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes([*model.parameters(), *model.buffers()]),
         "position_bias": _module_bytes(model.cached_position_biases()),
-        "linear_kernels": model.linear_kernels,
+        "linear_kernels": model.linear_kernels, "attention_kernel": model.attention_kernel,
     }
     ranks = gather_objects(ctx, mine)
     if not ctx.is_main:
@@ -248,6 +248,7 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig
         "peak_gflop_per_s_per_rank": [r["peak"] for r in ranks],
         "peak_gemm_shapes": [list(shape) for shape in gemm_shapes(cfg, ctx.tp_size, task, batch_size)],
         "linear_kernels_per_rank": [r["linear_kernels"] for r in ranks],
+        "attention_kernel_per_rank": [r["attention_kernel"] for r in ranks],
         "fraction_of_peak": gflop * samples_per_s / peak,
         "weights_bytes_per_rank": [r["weights"] for r in ranks],
         "position_bias_bytes_per_rank": [r["position_bias"] for r in ranks],

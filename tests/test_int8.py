@@ -128,3 +128,14 @@ def test_calibration_measures_the_channel_ranges_a_pass_sees():
     assert torch.equal(ranges[layer], torch.maximum(x[:32].abs().amax(0), (x[32:] * 2).abs().amax(0)))
     with pytest.raises(KeyError, match="no calibration batch"):
         ActivationRanges([torch.nn.Linear(2, 2)])[layer]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_token_gets_the_same_output_alone_or_in_any_batch(kernel):
+    # per-token scales and an exact integer product: batching (the server's) cannot change an answer
+    torch.manual_seed(4)
+    w, x, bias = torch.randn(80, 96), torch.randn(37, 96), torch.randn(80)
+    layer = Int8Linear(w, kernel)
+    together = layer(x, bias, gelu=True)
+    assert all(torch.equal(layer(x[i:i + 1], bias, gelu=True)[0], together[i]) for i in range(37))
+    assert torch.equal(layer(x[5:20], bias, gelu=True), together[5:20])

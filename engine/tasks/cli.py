@@ -20,6 +20,7 @@ from ..runtime.config import VLMoConfig
 from ..runtime.distributed import LaunchError, ParallelContext, init_parallel, shutdown
 from ..runtime.errors import ShardingError
 from ..runtime.health import PeerFailure, leave
+from ..layers.attention_choice import choose_attention
 from ..layers.int8 import kernels_for
 from ..layers.quantize import load_model_as
 from ..runtime.dtypes import CHOICES, announce, choose
@@ -115,6 +116,9 @@ def start_engine(shard_dir: Path, device: str, dtype: Optional[str], threads: Op
     dtype, note = pick_dtype(ctx, manifest.config, dtype)
     start = time.perf_counter()
     model = load_model_as(shard_dir, ctx, dtype, manifest)
+    model.attention_kernel = None
+    if ctx.device.type == "cpu" and dtype in ("fp32", "int8"):  # both attend in fp32
+        model.attention_kernel = choose_attention(model)
     announce(ctx, note)
     return Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype, load_s=time.perf_counter() - start)
 

@@ -28,7 +28,7 @@ from ..atomic import atomic_path, write_json
 from ..runtime.shards import MANIFEST
 from .demo_assets import build_random_checkpoint
 from ..runtime.distributed import init_parallel
-from ..runtime.loading import load_model
+from ..layers.quantize import load_model_as
 
 CHECKPOINT_NAME = "vlmo_base_patch16_480_vqa_random_seed0.pt"
 
@@ -69,6 +69,7 @@ def run_bench(shards: Path, tp: int, dtype: str, batch: int, threads: int, warmu
 
 
 def golden_vqa_agreement(golden: Path, dtype: str = "bf16") -> Dict[str, Dict[str, Any]]:
+    # `dtype` as resolved (auto is never passed here: the runs report what it picked)
     """Per golden VQA case: does `dtype` give fp32's top-1 answers, and how far apart are the logits."""
     results = {}
     ctx = init_parallel("cpu", 1)
@@ -82,7 +83,7 @@ def golden_vqa_agreement(golden: Path, dtype: str = "bf16") -> Dict[str, Dict[st
             inputs = load_file(str(case / "inputs.safetensors"))
             logits = {}
             for name in ("fp32", dtype):
-                model = load_model(Path(tmp), ctx, name)
+                model = load_model_as(Path(tmp), ctx, name)
                 with torch.inference_mode():
                     logits[name] = model.vqa(inputs["text_ids"], inputs["text_masks"], inputs["image"])[0].float()
         top1 = logits["fp32"].argmax(-1), logits[dtype].argmax(-1)
@@ -140,7 +141,7 @@ def table(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]]) -> str:
 
 
 # One colour per dtype; tp > 1 dashed with squares, the more-threads tp 1 reference with triangles.
-COLOURS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
+COLOURS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green", "int8": "tab:red"}
 
 
 def figure(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]], path: Path) -> Path:
@@ -211,7 +212,8 @@ def _axes(ax: Any, title: str, y_label: str, batches: Sequence[int]) -> None:
 @click.option("--cache", type=click.Path(path_type=Path), default=Path(".cache/bench"), show_default=True)
 @click.option("--tps", default="1 2", show_default=True, help="Tensor-parallel degrees, space-separated.")
 @click.option("--batches", default="1 4 8", show_default=True)
-@click.option("--dtypes", default="fp32 bf16", show_default=True)
+@click.option("--dtypes", default="auto int8", show_default=True,
+              help="auto: the faster of fp32 and bf16 here (engine.runtime.dtypes); rows show what it picked.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads per rank, the same at every tp [default: cores / the largest tp].")
 @click.option("--reference-threads", type=int, default=None,
@@ -219,7 +221,7 @@ def _axes(ax: Any, title: str, y_label: str, batches: Sequence[int]) -> None:
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Run every configuration this many times and keep the fastest (p50): for a shared machine.")
 @click.option("--golden", type=click.Path(path_type=Path), default=Path("../shared/golden"), show_default=True,
-              help="Golden VQA cases to check bf16's answers against fp32's on (skipped when absent).")
+              help="Golden VQA cases to check each non-fp32 dtype's answers against fp32's on (skipped when absent).")
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--iters", type=int, default=3, show_default=True)
 def main(out_dir: Path, cache: Path, tps: str, batches: str, dtypes: str, threads: Optional[int],
@@ -243,7 +245,8 @@ def main(out_dir: Path, cache: Path, tps: str, batches: str, dtypes: str, thread
                         best[(tp, thr)] = run
             runs += [best[config] for config in configs]
     scaling = speedups(runs)
-    agreement = {d: golden_vqa_agreement(golden, d) for d in dtype_list if d != "fp32"} if golden.is_dir() else {}
+    ran = sorted({r["dtype"] for r in runs} - {"fp32"})  # auto as resolved
+    agreement = {d: golden_vqa_agreement(golden, d) for d in ran} if golden.is_dir() else {}
     report = {"runs": runs, "scaling": scaling, "golden_vs_fp32": agreement,
               "settings": {"tps": tp_list, "batches": batch_list, "dtypes": dtype_list, "threads_per_rank": threads,
                            "reference_threads": reference_threads, "repeats": repeats, "warmup": warmup,

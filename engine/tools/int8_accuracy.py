@@ -11,7 +11,7 @@ tp 1, in this process.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import click
 import torch
@@ -69,8 +69,14 @@ def summary(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> Dict
             "top1_agreement": agreement["top1_agreement"], "max_abs_diff": agreement["max_abs_diff"]["vqa_logits"]}
 
 
+# name -> (planted, smoothing: None for fp32, calibrated)
+VARIANTS = {"int8": (False, True, False), "int8-raw": (False, False, False), "planted-fp32": (True, None, False),
+            "planted-int8-raw": (True, False, False), "planted-int8": (True, True, False),
+            "planted-int8-calibrated": (True, True, True)}
+
+
 def study(shard_dir: Path, ctx: ParallelContext, inputs: Dict[str, torch.Tensor], factor: float,
-          calibration: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+          calibration: Dict[str, torch.Tensor], variants: Sequence[str]) -> Dict[str, Dict[str, float]]:
     def fresh(planted: bool) -> nn.Module:
         model = load_model(shard_dir, ctx, "fp32")
         if planted:
@@ -81,18 +87,14 @@ def study(shard_dir: Path, ctx: ParallelContext, inputs: Dict[str, torch.Tensor]
     tokens = cfg.max_text_len + cfg.num_image_tokens
     want = logits(fresh(False), inputs)
     results: Dict[str, Dict[str, float]] = {}
-    variants: List[tuple] = [("int8", False, True, None), ("int8, no smoothing", False, False, None),
-                             (f"planted x{factor:g}: fp32", True, None, None),
-                             (f"planted x{factor:g}: int8, no smoothing", True, False, None),
-                             (f"planted x{factor:g}: int8, smoothing from weights", True, True, None),
-                             (f"planted x{factor:g}: int8, smoothing from calibration", True, True, calibration)]
-    for name, planted, smooth, calib in variants:
+    for name in variants:
+        planted, smooth, calibrated = VARIANTS[name]
         model = fresh(planted)
         if smooth is not None:
-            ranges = calibrate(model, lambda b: run_task(model, "vqa", b), [calib]) if calib else None
+            ranges = calibrate(model, lambda b: run_task(model, "vqa", b), [calibration]) if calibrated else None
             quantize_model(model, tokens, smooth, ranges)
         results[name] = summary(logits(model, inputs), want)
-        click.echo(f"{name:<50} " + ", ".join(f"{k} {v:.5f}" for k, v in results[name].items()))
+        click.echo(f"{name:<24} " + ", ".join(f"{k} {v:.5f}" for k, v in results[name].items()), err=True)
     return results
 
 
@@ -101,16 +103,19 @@ def study(shard_dir: Path, ctx: ParallelContext, inputs: Dict[str, torch.Tensor]
 @click.option("--golden", type=click.Path(path_type=Path), default=Path("../shared/golden"), show_default=True)
 @click.option("--synthetic", type=int, default=64, show_default=True, help="synthetic samples after the golden ones")
 @click.option("--factor", type=float, default=50.0, show_default=True, help="planted outlier factor")
+@click.option("--variants", default=" ".join(VARIANTS), show_default=True,
+              help="-raw: no smoothing; planted-: with planted outliers; -calibrated: smoothing from 4 synthetic samples")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def main(shard_dir: Path, golden: Path, synthetic: int, factor: float, threads: int, json_path: Path) -> None:
+def main(shard_dir: Path, golden: Path, synthetic: int, factor: float, variants: str, threads: int,
+         json_path: Path) -> None:
     """int8 against fp32: logit cosine and top-1 agreement, with and without smoothing and planted outliers."""
     ctx = init_parallel("cpu", 1, threads=threads)
     cfg = load_model(shard_dir, ctx, "fp32").cfg
     inputs = evaluation_inputs(cfg, golden, synthetic)
     calibration = synthetic_inputs(cfg, "vqa", 4, torch.device("cpu"), seed=2)  # not among the evaluated
     click.echo(f"{inputs['text_ids'].shape[0]} samples ({cfg.family}, image {cfg.image_size})")
-    results = study(shard_dir, ctx, inputs, factor, calibration)
+    results = study(shard_dir, ctx, inputs, factor, calibration, variants.split())
     if json_path:
         write_json(json_path, {"samples": int(inputs["text_ids"].shape[0]), "results": results}, indent=1)
 
