@@ -29,6 +29,7 @@ from engine.runtime.kernels import best_seconds
 
 INT_MM, ONEDNN = "int_mm", "onednn"
 QMAX = 127
+ONEDNN_ZERO_POINT = 128
 # torch._int_mm on CUDA wants more than 16 rows and K, N multiples of 8.
 CUDA_MIN_ROWS, CUDA_ALIGN = 17, 8
 # Keys of the kernel choice: (out, in) of the weight.
@@ -42,11 +43,13 @@ def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8), scale
 
 
-def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [M, K], fp32 scale [M, 1]) of x [M, K], symmetric per row (token); an all-zero row stays zero."""
+def quantize_tokens(x: torch.Tensor, zero_point: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [M, K], fp32 scale [M, 1]) of x [M, K], symmetric per row (token); an all-zero row stays zero.
+    zero_point 128: the same integers shifted into uint8 (oneDNN's activation type)."""
     x = x.float()
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(QMAX)
-    return torch.div(x, scale).round_().clamp_(-QMAX, QMAX).to(torch.int8), scale
+    q = torch.div(x, scale).round_().clamp_(-QMAX, QMAX)
+    return (q.add_(zero_point).to(torch.uint8) if zero_point else q.to(torch.int8)), scale
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,14 +102,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False) -> torch.Tensor:
         lead = x.shape[:-1]
-        q, row_scale = quantize_tokens(x.reshape(-1, self.in_features))
+        x = x.reshape(-1, self.in_features)
         if self.kernel == ONEDNN:
-            # exact: the int8 values shifted to uint8 with zero point 128, scale 1; the weight scales fused
-            out = torch.ops.onednn.qlinear_pointwise(
-                q.to(torch.int16).add_(128).to(torch.uint8), 1.0, 128, self.qweight, self.scale, self.zero_points,
-                None, 1.0, 0, torch.float32, "none", [], "")
-            out = out.mul_(row_scale) if bias is None else torch.addcmul(bias, out, row_scale)
+            # exact: the integers shifted into uint8 with zero point 128, scale 1; the weight scales fused
+            q, row_scale = quantize_tokens(x, ONEDNN_ZERO_POINT)
+            out = torch.ops.onednn.qlinear_pointwise(q, 1.0, ONEDNN_ZERO_POINT, self.qweight, self.scale,
+                                                     self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+            out = out.mul_(row_scale) if bias is None else torch.addcmul(bias, out, row_scale, out=out)
         else:
+            q, row_scale = quantize_tokens(x)
             out = _int_mm(q, self.qweight).float().mul_(row_scale)  # int32 × fp32 in one op is 2× slower
             out = out.mul_(self.scale) if bias is None else torch.addcmul(bias, out, self.scale, out=out)
         if gelu:
