@@ -15,10 +15,11 @@ import click
 from .runtime.shards import read_manifest
 from .serving.payloads import Preprocessor, nlvr2_response, top_k_of, vqa_response
 from .serving.preprocess import Limits, RequestError, check_image_size
-from .serving.tasks import NLVR2, VQA, ServedModel, served_kinds
+from .models.tasks import NLVR2, VQA, served_tasks
+from .serving.tasks import ServedModel
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
+from .data.vqav2 import answer_table
 from .tasks.tokenizers import make_tokenizer, tokenizer_option
-from .vqa import answer_table
 
 
 def _read(path: Path, limits: Limits) -> bytes:
@@ -46,7 +47,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
          tokenizer_path: Optional[Path], as_json: bool) -> None:
     """Answer one question about one image (or judge one sentence about two) with the checkpoint in SHARDS."""
     cfg = read_manifest(shard_dir).config
-    kinds = served_kinds(cfg)
+    kinds = served_tasks(cfg)
     kind = VQA if VQA in kinds else NLVR2 if NLVR2 in kinds else None
     if kind is None:
         raise UsageError(f"{shard_dir}: engine.ask needs a VQA or NLVR2 checkpoint (this one serves "

@@ -22,23 +22,20 @@ import click
 import torch
 
 from .atomic import write_json
-from .forward import TASK_INPUTS, pick_task, run_task
-from .runtime.config import VLMoConfig
-from .runtime.distributed import ParallelContext, barrier, gather_objects, synchronize
-from .runtime.kernels import bf16_matmul_units, gemm_peak_gflops
+from .layers.kernels import bf16_matmul_units, gemm_peak_gflops, record_gemm_shapes
+from .models import ModelConfig, MultiwayModel, family_of
+from .models.tasks import HEAD_TASKS, TASKS
+from .runtime.distributed import ParallelContext
 from .layers.int8 import gemm_peak_gops
 from .runtime.loading import DTYPES, load_model
 from .runtime.shards import read_manifest
-from .tasks.cli import Engine, engine_options, one_line_errors, start_engine, writable
+from .tasks.cli import Engine, engine_options, one_line_errors, pick_task, start_engine, writable
 from .tasks.metrics import percentiles_ms
 
-# (first, last, padding, lowest ordinary id) of a question's tokens: bert-base-uncased's [CLS], [SEP], [PAD];
-# BEiT-3's XLM-R <s>, </s>, <pad> (ids 0-3 are special)
-TEXT_IDS = {"vlmo": (101, 102, 0, 1000), "beit3": (0, 2, 1, 4)}
 QUESTION_TOKENS = (6, 17)  # VQAv2 questions are ~6-16 WordPiece tokens with [CLS] and [SEP]
 
 
-def forward_gflop(cfg: VLMoConfig, task: str) -> float:
+def forward_gflop(cfg: ModelConfig, task: str) -> float:
     """Multiply-add FLOPs (×2) of one sample's forward: every matmul, attention over all T + n positions."""
     D, F, P = cfg.embed_dim, cfg.ffn_dim, cfg.patch_size
 
@@ -57,40 +54,35 @@ def forward_gflop(cfg: VLMoConfig, task: str) -> float:
     return total / 1e9
 
 
-def synthetic_inputs(cfg: VLMoConfig, task: str, batch: int, device: torch.device,
+def synthetic_inputs(cfg: ModelConfig, task: str, batch: int, device: torch.device,
                      seed: int = 0) -> Dict[str, torch.Tensor]:
     """Random questions of VQA length (padded to T) and random normalised images."""
     gen = torch.Generator().manual_seed(seed)
     T, S = cfg.max_text_len, cfg.image_size
     lengths = torch.randint(QUESTION_TOKENS[0], min(QUESTION_TOKENS[1], T) + 1, (batch,), generator=gen)
     masks = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    first, last, pad, lowest = TEXT_IDS[cfg.family]
-    ids = torch.randint(lowest, cfg.vocab_size, (batch, T), generator=gen).masked_fill(masks == 0, pad)
-    ids[:, 0] = first
-    ids[torch.arange(batch), lengths - 1] = last
+    special = family_of(cfg).text_ids
+    ids = torch.randint(special.lowest, cfg.vocab_size, (batch, T), generator=gen)
+    ids = ids.masked_fill(masks == 0, special.pad)
+    ids[:, 0] = special.first
+    ids[torch.arange(batch), lengths - 1] = special.last
     tensors = {"text_ids": ids, "text_masks": masks}
-    for name in TASK_INPUTS[task][2:]:
-        tensors[name] = torch.rand(batch, 3, S, S, generator=gen) * 2 - 1
+    for name in TASKS[task].inputs:
+        if name.startswith("image"):
+            tensors[name] = torch.rand(batch, 3, S, S, generator=gen) * 2 - 1
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def gemm_shapes(cfg: VLMoConfig, tp: int, task: str, batch: int) -> List[Tuple[int, int, int]]:
-    """(M, K, N) of every linear-layer GEMM one rank runs in the task's forward: qkv, proj, fc1, fc2 over the
-    token counts of its passes (joint: attention and VL experts on T + n rows, the other experts on T and n)."""
-    D, F = cfg.embed_dim, cfg.ffn_dim
-    T, n = cfg.max_text_len, cfg.num_image_tokens
-    joint = task in ("vqa", "nlvr2") and cfg.family == "vlmo"  # BEiT-3 projects each modality apart
-    attention_rows = (T + n,) if joint else (T, n)
-    expert_rows = (T, n) + ((T + n,) if joint and cfg.vlffn_start_layer_index < cfg.depth else ())
-    shapes = {(batch * m, D, 3 * D // tp) for m in attention_rows} | {(batch * m, D // tp, D) for m in attention_rows}
-    shapes |= {(batch * m, D, F // tp) for m in expert_rows} | {(batch * m, F // tp, D) for m in expert_rows}
+def gemm_shapes(model: MultiwayModel, task: str, inputs: Dict[str, torch.Tensor]) -> List[Tuple[int, int, int]]:
+    """(M, K, N) of every linear-layer GEMM this rank runs in the task's forward, recorded from one forward."""
+    with record_gemm_shapes() as shapes:
+        TASKS[task].run(model, inputs)
     return sorted(shapes)
 
 
-def peak_gflops(cfg: VLMoConfig, tp: int, task: str, batch: int, dtype: str, device: torch.device) -> float:
+def peak_gflops(shapes: List[Tuple[int, int, int]], dtype: str, device: torch.device) -> float:
     """The best torch.mm rate over the forward's own GEMM shapes (CPU); a square GEMM of that size elsewhere.
     int8: the best W8A8 linear rate over those shapes (engine.layers.int8), on either device."""
-    shapes = gemm_shapes(cfg, tp, task, batch)
     if dtype == "int8":
         return gemm_peak_gops(shapes, device)
     dtype = DTYPES[dtype]
@@ -99,11 +91,11 @@ def peak_gflops(cfg: VLMoConfig, tp: int, task: str, batch: int, dtype: str, dev
     m, k, n = max(shapes, key=lambda s: s[0] * s[1] * s[2])
     a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
     torch.mm(a, b)
-    synchronize(device)
+    getattr(torch, device.type).synchronize(device)
     start = time.perf_counter()
     for _ in range(10):
         torch.mm(a, b)
-    synchronize(device)
+    getattr(torch, device.type).synchronize(device)
     return 10 * 2 * m * k * n / (time.perf_counter() - start) / 1e9
 
 
@@ -155,24 +147,28 @@ def _module_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _comm(ctx: ParallelContext, purpose: Optional[str] = None) -> Tuple[float, int]:
+    """All-reduce host seconds and calls so far: of one purpose, or of the forward's (all but idle pings)."""
+    purposes = [purpose] if purpose else [p for p in ctx.comm_calls if p != "ping"]
+    return (sum(ctx.comm_seconds.get(p, 0.0) for p in purposes), sum(ctx.comm_calls.get(p, 0) for p in purposes))
+
+
 def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], warmup: int,
                  iters: int) -> Dict[str, Any]:
     """Per-iteration latency (this rank) and the all-reduce time spent in the timed iterations."""
+    ctx, run = engine.ctx, TASKS[task].run
     for _ in range(warmup):
-        run_task(engine.model, task, inputs)
+        run(engine.model, inputs)
     seconds = []
-    comm = engine.ctx.comm
-    comm_before, calls_before = (comm.seconds, comm.calls) if comm else (0.0, 0)
-    subln_before = engine.model.subln_allreduce()[0] if hasattr(engine.model, "subln_allreduce") else 0.0
+    (comm_before, calls_before), (subln_before, _) = _comm(ctx), _comm(ctx, "subln")
     for _ in range(iters):
-        barrier(engine.ctx)  # start together: the slowest rank is the latency
-        synchronize(engine.ctx.device)
+        ctx.barrier()  # start together: the slowest rank is the latency
+        ctx.synchronize()
         start = time.perf_counter()
-        run_task(engine.model, task, inputs)
-        synchronize(engine.ctx.device)
+        run(engine.model, inputs)
+        ctx.synchronize()
         seconds.append(time.perf_counter() - start)
-    comm_after, calls_after = (comm.seconds, comm.calls) if comm else (0.0, 0)
-    subln_after = engine.model.subln_allreduce()[0] if hasattr(engine.model, "subln_allreduce") else 0.0
+    (comm_after, calls_after), (subln_after, _) = _comm(ctx), _comm(ctx, "subln")
     return {"seconds": seconds, "comm_s": comm_after - comm_before, "comm_calls": calls_after - calls_before,
             "subln_s": subln_after - subln_before}
 
@@ -181,7 +177,7 @@ def compare_fp32(shard_dir: Path, engine: Engine, task: str, inputs: Dict[str, t
                  got: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     """How far this dtype's outputs are from an fp32 copy of the same shard on the same inputs."""
     reference = load_model(shard_dir, engine.ctx, "fp32", engine.manifest)
-    want = run_task(reference, task, inputs)
+    want = TASKS[task].run(reference, inputs)
     del reference
     return output_agreement(got, want)
 
@@ -208,9 +204,10 @@ def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optio
     inputs = synthetic_inputs(cfg, task, batch_size, ctx.device)
 
     timed = time_forward(engine, task, inputs, warmup, iters)
-    barrier(ctx)
-    peak = peak_gflops(cfg, ctx.tp_size, task, batch_size, dtype, ctx.device)
-    accuracy = compare_fp32(shard_dir, engine, task, inputs, run_task(model, task, inputs)) \
+    ctx.barrier()
+    shapes = gemm_shapes(model, task, inputs)
+    peak = peak_gflops(shapes, dtype, ctx.device)
+    accuracy = compare_fp32(shard_dir, engine, task, inputs, TASKS[task].run(model, inputs)) \
         if check_fp32 and dtype != "fp32" else None
     mine = {
         "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"],
@@ -218,14 +215,15 @@ def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optio
         "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes([*model.parameters(), *model.buffers()]),
         "position_bias": _module_bytes(model.cached_position_biases()),
         "linear_kernels": model.linear_kernels, "attention_kernel": model.attention_kernel,
+        "gemm_shapes": [list(shape) for shape in shapes],
     }
-    ranks = gather_objects(ctx, mine)
+    ranks = ctx.gather_objects(mine)
     if not ctx.is_main:
         return {}
     return summarise(ranks, ctx, cfg, task, dtype, batch_size, warmup, accuracy)
 
 
-def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig, task: str, dtype: str,
+def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfig, task: str, dtype: str,
               batch_size: int, warmup: int, accuracy: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     per_iter = [max(r["seconds"][i] for r in ranks) for i in range(len(ranks[0]["seconds"]))]
     latency = percentiles_ms(per_iter)
@@ -246,7 +244,7 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: VLMoConfig
         "achieved_gflop_per_s": gflop * samples_per_s,
         "peak_gflop_per_s": peak,
         "peak_gflop_per_s_per_rank": [r["peak"] for r in ranks],
-        "peak_gemm_shapes": [list(shape) for shape in gemm_shapes(cfg, ctx.tp_size, task, batch_size)],
+        "peak_gemm_shapes": ranks[0]["gemm_shapes"],
         "linear_kernels_per_rank": [r["linear_kernels"] for r in ranks],
         "attention_kernel_per_rank": [r["attention_kernel"] for r in ranks],
         "fraction_of_peak": gflop * samples_per_s / peak,
@@ -288,7 +286,7 @@ def _agreement_text(vs: Dict[str, Any]) -> str:
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
               help="Untimed iterations first (the first builds the position-bias cache).")
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed iterations.")
-@click.option("--task", type=click.Choice(sorted(TASK_INPUTS)), default=None,
+@click.option("--task", type=click.Choice(HEAD_TASKS), default=None,
               help="Task forward to time [default: the checkpoint's only head].")
 @click.option("--check-fp32", is_flag=True,
               help="Also run an fp32 copy of the shard on the same inputs and report the output deviation, "

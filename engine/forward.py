@@ -17,47 +17,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .atomic import write_safetensors
-from .runtime.config import VLMoConfig
-from .runtime.families import ModelConfig
-from .runtime.model import VLMo
+from .models import ModelConfig, MultiwayModel, family_of
+from .models.tasks import HEAD_TASKS, TASKS
 from .runtime.shards import read_manifest
-from .tasks.cli import (ModelOutputError, UsageError, engine_options, one_line_errors, require_head, start_engine,
+from .tasks.cli import (ModelOutputError, UsageError, engine_options, one_line_errors, pick_task, start_engine,
                         writable)
 from .tasks.frontend import non_finite_rows
 
-TASK_INPUTS = {
-    "vqa": ("text_ids", "text_masks", "image"),
-    "nlvr2": ("text_ids", "text_masks", "image_0", "image_1"),
-    "irtr": ("text_ids", "text_masks", "image"),
-}
 TEXT_INPUTS = ("text_ids", "text_masks", "padding_mask")
 
 
-def task_inputs(cfg: ModelConfig, task: str) -> tuple:
-    """The input tensors of a task for the checkpoint's family."""
-    names = TASK_INPUTS[task]
-    if cfg.family == "beit3":
-        return tuple("padding_mask" if name == "text_masks" else name for name in names)
-    return names
+def input_names(cfg: ModelConfig, task: str) -> tuple:
+    """The input tensors of a task, with the text mask named as the checkpoint family's published code names it."""
+    mask = family_of(cfg).text_mask_input
+    return tuple(mask if name == "text_masks" else name for name in TASKS[task].inputs)
 
 
-def pick_task(cfg: VLMoConfig, requested: Optional[str]) -> str:
-    """The task to run: the one requested (if the checkpoint has its head) or the checkpoint's only one."""
-    if requested:
-        require_head(cfg, requested, f"--task {requested}")
-        return requested
-    if len(cfg.tasks) != 1:
-        raise UsageError(f"the checkpoint has heads for {', '.join(cfg.tasks) or 'no task'}; pick one with --task")
-    return cfg.tasks[0]
-
-
-def read_inputs(path: Path, task: str, cfg: VLMoConfig) -> Dict[str, torch.Tensor]:
+def read_inputs(path: Path, task: str, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     """The task's input tensors, checked for presence, shape and dtype against the model."""
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, FileNotFoundError) as exc:
         raise UsageError(f"{path}: cannot read as safetensors ({exc})") from None
-    names = task_inputs(cfg, task)
+    names = input_names(cfg, task)
     missing = [name for name in names if name not in tensors]
     if missing:
         raise UsageError(f"{path}: missing input tensors {missing} for task {task} (has {sorted(tensors)})")
@@ -87,18 +69,11 @@ def check_values(path: Path, name: str, tensor: torch.Tensor, cfg: ModelConfig) 
         raise UsageError(f"{path}: {name} holds NaN or Inf values")
 
 
-def run_task(model: VLMo, task: str, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def run_task(model: MultiwayModel, task: str, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Outputs named as in golden/*/expected.safetensors."""
-    if "padding_mask" in inputs:  # BEiT-3's convention; the models take text_masks, 1 on real tokens
+    if "padding_mask" in inputs:  # 1 on padding; the models take text_masks, 1 on real tokens
         inputs = {**inputs, "text_masks": 1 - inputs["padding_mask"]}
-    if task == "vqa":
-        logits, pooled = model.vqa(inputs["text_ids"], inputs["text_masks"], inputs["image"])
-        return {"vqa_logits": logits, "cls_feats": pooled}
-    if task == "nlvr2":
-        return {"nlvr2_logits": model.nlvr2(inputs["text_ids"], inputs["text_masks"],
-                                            inputs["image_0"], inputs["image_1"])}
-    return {"text_feats": model.text_features(inputs["text_ids"], inputs["text_masks"]),
-            "image_feats": model.image_features(inputs["image"])}
+    return TASKS[task].run(model, inputs)
 
 
 def check_finite_outputs(outputs: Dict[str, torch.Tensor]) -> None:
@@ -117,12 +92,12 @@ def check_finite_outputs(outputs: Dict[str, torch.Tensor]) -> None:
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="safetensors to write (rank 0): vqa_logits + cls_feats, nlvr2_logits, "
                    "or text_feats + image_feats.")
-@click.option("--task", type=click.Choice(sorted(TASK_INPUTS)), default=None,
+@click.option("--task", type=click.Choice(HEAD_TASKS), default=None,
               help="Task head to run [default: the checkpoint's only head].")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          inputs_path: Path, out_path: Path, task: Optional[str]) -> None:
-    """Run the tensor-parallel VLMo on INPUTS and write its outputs to OUT (fp32)."""
+    """Run the tensor-parallel model on INPUTS and write its outputs to OUT (fp32)."""
     # Everything a user can get wrong is checked before the model loads or a file is written.
     writable("--out", out_path)
     cfg = read_manifest(shard_dir).config

@@ -1,4 +1,4 @@
-"""`torchrun --nproc N -m engine.nlvr2`: NLVR2 predictions, accuracy and latency of a sharded VLMo checkpoint.
+"""`torchrun --nproc N -m engine.nlvr2`: NLVR2 predictions, accuracy and latency of a sharded VLMo or BEiT-3.
 
 Each sentence is judged against its pair of images with two joint passes (DESIGN.md §3). The world splits
 into tensor-parallel groups of the shards' tp; each group takes a disjoint share of the sentences and rank 0
@@ -17,7 +17,8 @@ import torch
 from .atomic import write_json
 from .data.datasets import NLVR2Dataset
 from .tasks.tokenizers import make_tokenizer
-from .runtime.model import VLMo
+from .models import MultiwayModel
+from .models.tasks import NLVR2, NLVR2_LABELS, TASKS
 from .runtime.shards import read_manifest
 from .tasks.cli import engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.evaluation import Batch, Record
@@ -26,22 +27,21 @@ from .tasks.frontend import (Step, image_errors, latency_rows, per_sample_step, 
 from .tasks.metrics import nlvr2_accuracy
 
 KEY = ("identifier", "question_index")
-ANSWERS = ("False", "True")  # class 0, class 1 of the NLVR2 head, as the arrow's `answers` spell them
 
 
-def predictor(model: VLMo, device: torch.device) -> Step:
+def predictor(model: MultiwayModel, device: torch.device) -> Step:
     """The per-batch step: each sentence's prediction from its pair's two logits."""
 
     def logits(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return model.nlvr2(*(tensors[k].to(device) for k in ("text_ids", "text_masks", "image_0", "image_1")))
+        return TASKS[NLVR2].first_output(model, tensors, device)
 
     def sentence(batch: Batch, i: int) -> Record:
         return {"identifier": batch["identifier"][i], "question_index": batch["question_index"][i],
-                "sentence": batch["text"][i], "label": ANSWERS[int(batch["label"][i])]}
+                "sentence": batch["text"][i], "label": NLVR2_LABELS[int(batch["label"][i])]}
 
     def prediction(batch: Batch, i: int, row: torch.Tensor) -> Record:
-        predicted = ANSWERS[int(row.argmax())]
-        return {"prediction": predicted, "correct": predicted == ANSWERS[int(batch["label"][i])],
+        predicted = NLVR2_LABELS[int(row.argmax())]
+        return {"prediction": predicted, "correct": predicted == NLVR2_LABELS[int(batch["label"][i])],
                 "logits": row.tolist()}
 
     return per_sample_step(logits, KEY, sentence, prediction)
@@ -52,8 +52,8 @@ def summarize(records: List[Record]) -> Dict[str, Any]:
     predicted = [r for r in records if "image_error" not in r]
     accuracy = None
     if predicted:
-        accuracy = nlvr2_accuracy([ANSWERS.index(r["prediction"]) for r in predicted],
-                                  [ANSWERS.index(r["label"]) for r in predicted])
+        accuracy = nlvr2_accuracy([NLVR2_LABELS.index(r["prediction"]) for r in predicted],
+                                  [NLVR2_LABELS.index(r["label"]) for r in predicted])
     return {
         "sentences": len(records),
         "predicted": len(predicted),

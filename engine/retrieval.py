@@ -20,7 +20,8 @@ import torch
 from .atomic import write_json
 from .data.datasets import KarpathyImageDataset, KarpathyTextDataset
 from .tasks.tokenizers import make_tokenizer
-from .runtime.model import VLMo
+from .models import MultiwayModel
+from .models.tasks import IMAGE_EMBEDDING, TASKS, TEXT_EMBEDDING
 from .runtime.shards import read_manifest
 from .tasks.cli import UsageError, engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.embeddings import Gallery, save_embeddings
@@ -32,18 +33,17 @@ from .tasks.metrics import retrieval_recall
 DATASETS = {"coco": "COCO", "f30k": "Flickr30k"}
 
 
-def image_step(model: VLMo, device: torch.device) -> Step:
+def image_step(model: MultiwayModel, device: torch.device) -> Step:
     """Image-only pass: one record per image, its embedding or why it did not decode."""
     # numpy rows pickle alone (a tensor row would drag its whole batch's storage through the gather)
-    return per_sample_step(lambda tensors: model.image_features(tensors["image"].to(device)), ("image_id",),
+    return per_sample_step(lambda tensors: TASKS[IMAGE_EMBEDDING].first_output(model, tensors, device), ("image_id",),
                            lambda batch, i: {"image_index": batch["image_index"][i], "image_id": batch["image_id"][i]},
                            lambda batch, i, row: {"embedding": row.numpy()})
 
 
-def text_step(model: VLMo, device: torch.device) -> Step:
+def text_step(model: MultiwayModel, device: torch.device) -> Step:
     """Text-only pass: one record per caption with its embedding."""
-    return per_sample_step(lambda tensors: model.text_features(tensors["text_ids"].to(device),
-                                                               tensors["text_masks"].to(device)),
+    return per_sample_step(lambda tensors: TASKS[TEXT_EMBEDDING].first_output(model, tensors, device),
                            ("caption_index",), lambda batch, i: {"caption_index": batch["caption_index"][i]},
                            lambda batch, i, row: {"embedding": row.numpy()})
 

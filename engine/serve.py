@@ -9,10 +9,8 @@ accepting, finishes what is in flight and exits 0; a rank that dies or hangs fai
 """
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +20,7 @@ from typing import Optional
 import click
 import uvicorn
 
+from .runtime.launch import exit_process, this_launch
 from .runtime.shards import Manifest, read_manifest
 from .serving.app import ServerState, build_app
 from .serving.batcher import Batcher
@@ -30,20 +29,17 @@ from .serving.metrics import ServerMetrics
 from .serving.payloads import Preprocessor
 from .serving.preprocess import Limits
 from .serving.runner import Runner
-from .serving.tasks import VQA, ServedModel, served_kinds
+from .models.tasks import VQA, served_tasks
+from .serving.tasks import ServedModel
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
+from .data.vqav2 import answer_table
 from .tasks.tokenizers import make_tokenizer, tokenizer_option
-from .vqa import answer_table
 
 STOP_GRACE_S = 10.0  # SIGTERM: a rank other than 0 leaves on its own if rank 0 has not stopped it by then
 
 
-def launched_ranks() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def check_launch(manifest: Manifest, shard_dir: Path) -> None:
-    world = launched_ranks()
+    world = this_launch().world_size
     if world != manifest.tp:
         raise UsageError(f"{shard_dir} is cut for tp {manifest.tp} and engine.serve runs one model copy: launch "
                          f"--nproc-per-node {manifest.tp}, not {world} processes (for more copies start one "
@@ -80,7 +76,7 @@ def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional
             GroupChannel(engine.ctx, ServedModel(engine.model, engine.ctx.device)).follow()
             outcome.append(0)
         except Exception as exc:  # rank 0 went away, or a collective failed
-            click.echo(f"error: rank {os.environ.get('RANK')}: {exc}", err=True)
+            click.echo(f"error: rank {this_launch().rank}: {exc}", err=True)
             outcome.append(1)
 
     deadline = []
@@ -92,7 +88,7 @@ def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional
     worker.start()
     while worker.is_alive() and not (deadline and time.monotonic() > deadline[0]):
         worker.join(0.2)  # short waits keep the main thread free to run the signal handler
-    _exit(outcome[0] if outcome else 1)
+    exit_process(outcome[0] if outcome else 1)
 
 
 class _Server(uvicorn.Server):
@@ -104,13 +100,6 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
         # not here, in the signal handler: the batcher's lock may be held by the interrupted main thread
         threading.Thread(target=self.on_exit, daemon=True).start()
-
-
-def _exit(code: int) -> None:
-    # A distributed rank skips interpreter teardown: gloo threads can abort a finished process there.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 @click.command()
@@ -153,7 +142,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     manifest = read_manifest(shard_dir)
     check_launch(manifest, shard_dir)
     cfg = manifest.config
-    kinds = served_kinds(cfg)
+    kinds = served_tasks(cfg)
     if not kinds:
         raise UsageError(f"{shard_dir}: the checkpoint has no task head to serve (VQA, NLVR2 or retrieval)")
     answers = None
@@ -163,7 +152,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
                              "with, written by `python -m engine.data vqav2`)")
         answers = answer_table(answers_path, cfg.vqa_labels)
     tokenizer = make_tokenizer(cfg, tokenizer_path, vocab)  # every rank refuses a missing one, before loading
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not this_launch().is_main:
         follow(shard_dir, device, dtype, threads, timeout_s)
     limits = Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
     preprocessor = Preprocessor(cfg, tokenizer, limits)
@@ -212,7 +201,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     server.run(sockets=[sock])  # returns after SIGTERM/SIGINT (in-flight requests answered) or a fatal error
     batcher.close()
     engine_thread.join(timeout=max(1.0, STOP_GRACE_S - drain_timeout_s))
-    _exit(1 if runner.failure or engine_thread.is_alive() else 0)
+    exit_process(1 if runner.failure or engine_thread.is_alive() else 0)
 
 
 if __name__ == "__main__":

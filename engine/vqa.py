@@ -1,4 +1,4 @@
-"""`torchrun --nproc N -m engine.vqa`: VQAv2 answers, accuracy and latency of a sharded VLMo checkpoint.
+"""`torchrun --nproc N -m engine.vqa`: VQAv2 answers, accuracy and latency of a sharded VLMo or BEiT-3.
 
 The world splits into tensor-parallel groups of the shards' tp; each group
 answers a disjoint share of the questions and rank 0 appends every answer to a
@@ -19,8 +19,9 @@ from .atomic import write_json
 from .data.arrow_io import read_split
 from .data.datasets import VQADataset
 from .data.raw import DataError
-from .data.vqav2 import ANSWER_TABLE, read_answer_table
-from .runtime.model import VLMo
+from .data.vqav2 import ANSWER_TABLE, answer_table
+from .models import MultiwayModel
+from .models.tasks import TASKS, VQA
 from .runtime.shards import read_manifest
 from .tasks.cli import UsageError, engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.evaluation import Batch, Record
@@ -39,23 +40,11 @@ PLACEHOLDER_ANSWER = "yes"
 OFFICIAL_FIELDS = ("human_answers", "answer_type", "question_type")
 
 
-def answer_table(path: Path, vqa_labels: Optional[int]) -> List[str]:
-    """The label → answer table, checked against the checkpoint's VQA classifier."""
-    if not path.is_file():
-        raise DataError(f"missing answer table {path} (written by `python -m engine.data vqav2`; "
-                        f"or pass --answers)")
-    answers = read_answer_table(path)
-    if len(answers) != vqa_labels:
-        raise UsageError(f"the checkpoint's VQA classifier has {vqa_labels} labels but {path} lists "
-                         f"{len(answers)} answers; pass the answer table the checkpoint was fine-tuned with")
-    return answers
-
-
-def answerer(model: VLMo, device: torch.device, answers: Sequence[str], scored: bool) -> Step:
+def answerer(model: MultiwayModel, device: torch.device, answers: Sequence[str], scored: bool) -> Step:
     """The per-batch step: each question's answer (and score, where the split has answers)."""
 
     def logits(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return model.vqa(*(tensors[k].to(device) for k in ("text_ids", "text_masks", "image")))[0]
+        return TASKS[VQA].first_output(model, tensors, device)
 
     def question(batch: Batch, i: int) -> Record:
         return {"question_id": batch["question_id"][i], "image_id": batch["image_id"][i],

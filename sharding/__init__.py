@@ -1,1 +1,1 @@
-"""Offline tools: read published VLMo checkpoints safely and cut them into tensor-parallel shards."""
+"""Offline tools: read published VLMo and BEiT-3 checkpoints safely and cut them into tensor-parallel shards."""

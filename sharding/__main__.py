@@ -6,22 +6,21 @@ from typing import Optional
 
 import click
 
-from .checkpoint import read_checkpoint, refuse_non_finite
+from engine.models import recognise
+from engine.models.inference import OVERRIDE_FLAGS, ConfigError
 from engine.runtime.errors import ShardingError
-from .beit3_infer import infer_beit3_config, is_beit3
-from .infer import ConfigError, infer_config, select_weights
 from engine.runtime.plan import check_degree, plan_table
+
+from .checkpoint import read_checkpoint, refuse_non_finite
 from .shards import write_shards
-
-
-FAMILY_NAMES = {"vlmo": "VLMo", "beit3": "BEiT-3"}
+from .weights import select_weights
 
 
 def _plan_help() -> str:
-    return "\n".join(f"  {pattern:<60} {rule:<12} {why}" for pattern, rule, why in plan_table())
+    return "\n".join(f"  {pattern:<58} {how}" for pattern, how in plan_table())
 
 
-@click.command(epilog="Sharding plan (first match wins):\n\n\b\n" + _plan_help())
+@click.command(epilog="Sharding plan (rank r of t keeps):\n\n\b\n" + _plan_help())
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
               help="Published VLMo (.pt / .ckpt) or BEiT-3 (.pth) checkpoint. Read without executing any pickle "
                    "code.")
@@ -32,21 +31,24 @@ def _plan_help() -> str:
                    "unpublished size).")
 @click.option("--image-size", type=int, help="Input image size, when the checkpoint cannot tell.")
 @click.option("--max-text-len", type=int, help="Text length, when the checkpoint cannot tell.")
-@click.option("--vl-start-layer", type=int, help="First layer with a vision-language expert.")
+@click.option("--vl-start-layer", type=int, help="First layer with a vision-language expert (VLMo).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 def main(checkpoint: Path, tp: int, out_dir: Path, num_heads: Optional[int], image_size: Optional[int],
          max_text_len: Optional[int], vl_start_layer: Optional[int], overwrite: bool) -> None:
     """Cut CHECKPOINT into TP safetensors shards plus manifest.json under OUT."""
+    overrides = {"num_heads": num_heads, "image_size": image_size, "max_text_len": max_text_len,
+                 "vlffn_start_layer_index": vl_start_layer}
     try:
         ckpt = read_checkpoint(checkpoint)
         try:
-            infer = infer_beit3_config if is_beit3(ckpt.state_dict) else infer_config
-            cfg = infer(ckpt.state_dict, ckpt.hyper_parameters, {
-                "num_heads": num_heads, "image_size": image_size,
-                "max_text_len": max_text_len, "vlffn_start_layer_index": vl_start_layer})
+            family = recognise(ckpt.state_dict)
+            given = {k: v for k, v in overrides.items() if v is not None}
+            for name in sorted(set(given) - set(family.overrides)):
+                raise ConfigError(f"{OVERRIDE_FLAGS[name]} does not apply to {family.title}")
+            cfg = family.infer_config(ckpt.state_dict, ckpt.hyper_parameters, given)
             check_degree(cfg, tp)
             weights, unknown = select_weights(ckpt.state_dict, cfg)
-        except (ConfigError, ValueError) as exc:
+        except ValueError as exc:  # ConfigError, and the degree check
             raise ShardingError(checkpoint, str(exc)) from None
         refuse_non_finite(checkpoint, weights)
         if unknown:
@@ -56,8 +58,7 @@ def main(checkpoint: Path, tp: int, out_dir: Path, num_heads: Optional[int], ima
     except ShardingError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {manifest.tp} shards of a {cfg.depth}-layer, {cfg.embed_dim}-wide, {cfg.num_heads}-head "
-               f"{FAMILY_NAMES[cfg.family]} ({', '.join(cfg.tasks) or 'backbone only'}; image {cfg.image_size}) "
-               f"to {out_dir}")
+               f"{family.title} ({', '.join(cfg.tasks) or 'backbone only'}; image {cfg.image_size}) to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import save_file
 
 from engine.atomic import atomic_directory
-from engine.runtime.config import VLMoConfig
+from engine.models import ModelConfig, checkpoint_layout
 from engine.runtime.errors import ShardingError
 from engine.runtime.plan import check_degree, shard_tensor
 from engine.runtime.shards import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, dtype_name, sha256_file, shard_file_name
 
 
-def write_shards(weights: Mapping[str, torch.Tensor], cfg: VLMoConfig, tp: int, out_dir: Path,
+def write_shards(weights: Mapping[str, torch.Tensor], cfg: ModelConfig, tp: int, out_dir: Path,
                  source: Dict[str, Any], overwrite: bool = False,
                  report: Callable[[str], None] = lambda line: None) -> Manifest:
     """Cut `weights` into tp shard files under out_dir, atomically: a failure leaves out_dir untouched.
@@ -47,10 +47,11 @@ def write_shards(weights: Mapping[str, torch.Tensor], cfg: VLMoConfig, tp: int, 
     return Manifest(config=cfg, tp=tp, source=source, files=files)
 
 
-def _write_rank(weights: Mapping[str, torch.Tensor], cfg: VLMoConfig, tp: int, rank: int,
+def _write_rank(weights: Mapping[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int,
                 staging: Path) -> Dict[str, Any]:
     name = shard_file_name(rank, tp)
-    pieces = {k: shard_tensor(k, v, cfg, tp, rank) for k, v in weights.items()}
+    layout = checkpoint_layout(cfg)
+    pieces = {k: shard_tensor(layout[k], v, tp, rank) for k, v in weights.items()}
     save_file(pieces, str(staging / name), metadata={"format": FORMAT, "rank": str(rank), "tp": str(tp)})
     os.chmod(staging / name, 0o666 & ~_umask())
     return {"rank": rank, "file": name, "sha256": sha256_file(staging / name),

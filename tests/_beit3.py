@@ -6,7 +6,7 @@ from pathlib import Path
 
 from _paths import GOLDEN
 from _run import shard_here
-from engine.runtime.beit3_config import BEiT3Config
+from engine.models.beit3.config import BEiT3Config
 from engine.runtime.shards import read_manifest
 
 BEIT3 = GOLDEN / "beit3"

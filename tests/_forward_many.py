@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from engine.atomic import write_safetensors
-from engine.forward import check_finite_outputs, pick_task, read_inputs, run_task
+from engine.forward import check_finite_outputs, read_inputs, run_task
 from engine.runtime.distributed import init_parallel
-from engine.layers.quantize import load_model_as
+from engine.runtime.loading import load_model
 from engine.runtime.shards import read_manifest
+from engine.tasks.cli import pick_task
 
 
 def main(plan_path: str) -> None:
@@ -30,7 +31,7 @@ def main(plan_path: str) -> None:
         ctx = ctx or init_parallel("cpu", manifest.tp)
         task = pick_task(manifest.config, item.get("task"))
         inputs = read_inputs(Path(item["inputs"]), task, manifest.config)
-        model = load_model_as(shards, ctx, item.get("dtype", "fp32"), manifest)
+        model = load_model(shards, ctx, item.get("dtype", "fp32"), manifest)
         with torch.inference_mode():
             outputs = run_task(model, task, inputs)
         check_finite_outputs(outputs)

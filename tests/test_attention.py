@@ -1,10 +1,11 @@
-"""Attention with padded keys left out (engine.runtime.attention) against a plain masked softmax, written out here."""
+"""Attention with padded keys left out (engine.layers.attention), both ways of leaving them out, against a plain
+masked softmax written out here."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.runtime.attention import attend, select_keys
+from engine.layers.attention import BATCHED, PER_SAMPLE, AttentionOptions, attention, select_keys
 
 
 def _reference(q, k, v, bias, key_mask, scale):
@@ -13,20 +14,20 @@ def _reference(q, k, v, bias, key_mask, scale):
     return scores.softmax(-1) @ v.double()
 
 
-def _compacted(q, k, v, bias, key_mask, scale, shift, per_head_bmm):
-    """What Attention.forward does: roll keys (and the stored bias) left by `shift`, keep each sample's keys."""
-    keys = select_keys(key_mask, shift)
-    k, v, bias = k.roll(-shift, 2), v.roll(-shift, 2), bias.roll(-shift, -1)
-    if keys.per_sample is None:
-        return attend(q, k, v, bias, scale, per_head_bmm)
-    return torch.cat([attend(q[b:b + 1], k[b:b + 1, :, kept], v[b:b + 1, :, kept], bias[..., kept], scale,
-                             per_head_bmm) for b, kept in enumerate(keys.per_sample)])
+def _attention(q, k, v, bias, key_mask, scale, shift, options):
+    """What a model's attention layer does: qkv with q pre-scaled, the bias stored in rolled key order."""
+    B, h, N, d = q.shape
+    qkv = torch.stack((q * scale, k, v), dim=2).permute(0, 3, 2, 1, 4).reshape(B, N, 3 * h * d)
+    keys = select_keys(key_mask, shift, options)
+    out = attention(qkv, h, bias.roll(-shift, -1), keys, options)
+    return out.view(B, N, h, d).transpose(1, 2)
 
 
+@pytest.mark.parametrize("masking", [PER_SAMPLE, BATCHED])
 @pytest.mark.parametrize("per_head_bmm", [False, True])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("pattern", ["prefix", "holes", "none"])
-def test_left_out_keys_equal_masked_softmax(dtype, tolerance, pattern, per_head_bmm) -> None:
+def test_left_out_keys_equal_masked_softmax(dtype, tolerance, pattern, per_head_bmm, masking) -> None:
     gen = torch.Generator().manual_seed(0)
     B, h, T, n, d = 3, 2, 6, 9, 8  # a joint pass: T text tokens (maskable), then n image tokens
     N = T + n
@@ -39,14 +40,21 @@ def test_left_out_keys_equal_masked_softmax(dtype, tolerance, pattern, per_head_
     elif pattern == "holes":  # any other pattern must still be right (a gather instead of a view)
         key_mask[0, 1] = key_mask[1, 3:5] = key_mask[2, 0] = 0
     want = _reference(q, k, v, bias, key_mask, d ** -0.5)
-    got = _compacted(*(t.to(dtype) for t in (q, k, v, bias)), key_mask, d ** -0.5, shift=T,
-                     per_head_bmm=per_head_bmm)
+    got = _attention(*(t.to(dtype) for t in (q, k, v, bias)), key_mask, d ** -0.5, shift=T,
+                     options=AttentionOptions(masking, per_head_bmm))
     assert got.dtype == dtype
     assert (got.double() - want).abs().max().item() < tolerance
 
 
 def test_prefix_masks_select_views() -> None:
     key_mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1]])
-    keys = select_keys(key_mask, shift=4)  # rolled: [1, 1, 1, 1, 1, 0, 0] and [1, 1, 1, 1, 1, 1, 0]
+    keys = select_keys(key_mask, 4, AttentionOptions())  # rolled: [1, 1, 1, 1, 1, 0, 0] and [1, 1, 1, 1, 1, 1, 0]
     assert keys.per_sample == [slice(0, 5), slice(0, 6)]
-    assert select_keys(torch.ones(2, 7, dtype=torch.long), shift=4).per_sample is None
+    assert select_keys(torch.ones(2, 7, dtype=torch.long), 4, AttentionOptions()).per_sample is None
+
+
+def test_batched_masking_gives_padded_keys_no_weight() -> None:
+    key_mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1]])
+    keys = select_keys(key_mask, 4, AttentionOptions(BATCHED))  # rolled: [1, 1, 1, 1, 1, 0, 0]
+    assert keys.per_sample is None
+    assert keys.additive_mask.flatten().tolist() == [0, 0, 0, 0, 0, float("-inf"), float("-inf")]

@@ -11,9 +11,9 @@ from _paths import needs
 from _beit3 import BEIT3, cut
 from _run import run_torchrun
 from engine.tools.beit3_assets import build_random_beit3, random_config
-from sharding.beit3_infer import infer_beit3_config
+from engine.models.beit3.infer import infer_config as infer_beit3_config
 from sharding.checkpoint import read_checkpoint
-from sharding.infer import select_weights
+from sharding.weights import select_weights
 
 TINY = BEIT3 / "tiny_beit3_vqa"
 

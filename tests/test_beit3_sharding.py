@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from _paths import GOLDEN, needs
 from _run import shard
 from _shards import merge_shards
-from engine.runtime.beit3_config import BEiT3Config
-from engine.runtime.plan import rule_for
+from engine.models.beit3.config import BEiT3Config
+from engine.models import checkpoint_layout
 from engine.runtime.shards import read_manifest
 from sharding.checkpoint import read_checkpoint
 
@@ -87,7 +87,8 @@ def test_plan_cuts_heads_and_ffn_and_replicates_the_rest(tmp_path: Path) -> None
             assert torch.equal(rank1[key], full[key].chunk(2, dim=1)[1]), key
         for key in (f"{L0}self_attn.out_proj.{expert}.bias", f"{L0}ffn.{expert}.fc2.bias",
                     f"{L0}self_attn_layer_norm.{expert}.weight", f"{L0}final_layer_norm.{expert}.bias"):
-            assert rule_for(key) == "replicate" and torch.equal(rank1[key], full[key]), key
+            assert checkpoint_layout(read_manifest(out).config)[key].split is None, key
+            assert torch.equal(rank1[key], full[key]), key
     merged = merge_shards(out)
     assert set(merged) == set(full) - {"beit3.vision_embed.mask_token"}
     assert all(torch.equal(merged[k], full[k]) for k in merged)

@@ -10,8 +10,8 @@ import torch
 from _paths import GOLDEN, needs
 from engine.data.raw import DataError
 from engine.data.spm import SentencePieceTokenizer
-from engine.runtime.beit3_config import BEiT3Config
-from engine.runtime.config import VLMoConfig
+from engine.models.beit3.config import BEiT3Config
+from engine.models.vlmo.config import VLMoConfig
 from engine.data.text import TextTokenizer
 from engine.tasks.tokenizers import make_tokenizer
 

@@ -213,7 +213,8 @@ def test_stale_staging_directories_of_the_target_are_removed(tmp_path: Path) -> 
 def test_staging_directories_are_only_reported_while_another_run_writes_beside(tmp_path: Path) -> None:
     import fcntl
 
-    from sharding.infer import infer_config, select_weights
+    from engine.models.vlmo.infer import infer_config
+    from sharding.weights import select_weights
     from sharding.shards import write_shards
 
     ckpt = read_checkpoint(LIGHTNING_CASE)

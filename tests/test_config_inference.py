@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.runtime.config import VLMoConfig
-from sharding.infer import ConfigError, infer_config
+from engine.models.vlmo.config import VLMoConfig
+from engine.models.inference import ConfigError
+from engine.models.vlmo.infer import infer_config
 from engine.runtime.plan import check_degree, full_shapes
 
 

@@ -15,9 +15,10 @@ from _beit3 import BEIT3, TINY_HEADS
 from _paths import GOLDEN, REPO, needs
 from _run import forward_many, shard_here
 from engine.bench import run_bench, summary_line
-from engine.forward import run_task
 from engine.layers.int8 import Int8Linear
-from engine.layers.quantize import calibrate, load_model_as, parallel_linears, quantize_model
+from engine.layers.linear import parallel_linears
+from engine.layers.quantize import calibrate, quantize_model
+from engine.models.tasks import TASKS, VQA
 from engine.runtime.distributed import init_parallel
 from engine.runtime.loading import load_model
 from engine.tools.int8_accuracy import plant_outliers
@@ -48,9 +49,9 @@ def int8_logits(shards, tmp_path_factory) -> dict:
     found = {(c, 2): load_file(str(root / f"{c.name}-tp2.safetensors"))["vqa_logits"] for c, t in CASES if t == 2}
     for case, tp in CASES:
         if tp == 1:
-            model = load_model_as(shards[(case, 1)], init_parallel("cpu", 1), "int8")
+            model = load_model(shards[(case, 1)], init_parallel("cpu", 1), "int8")
             with torch.inference_mode():
-                found[(case, 1)] = run_task(model, "vqa", load_file(str(case / "inputs.safetensors")))["vqa_logits"]
+                found[(case, 1)] = _vqa(model, load_file(str(case / "inputs.safetensors")))
     return found
 
 
@@ -71,13 +72,19 @@ def test_int8_stays_close_to_the_published_fp32_outputs(case: Path, tp: int, int
     assert int((got.argmax(-1) == want.argmax(-1)).sum()) >= 3
 
 
+def _vqa(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    if "padding_mask" in inputs:  # BEiT-3's input files: 1 on padding
+        inputs = {**inputs, "text_masks": 1 - inputs["padding_mask"]}
+    return TASKS[VQA].run(model, inputs)["vqa_logits"]
+
+
 def _load(shard_dir: Path) -> torch.nn.Module:
     return load_model(shard_dir, init_parallel("cpu", 1), "fp32")
 
 
 def _min_cosine(model: torch.nn.Module, inputs: dict, want: torch.Tensor) -> float:
     with torch.inference_mode():
-        got = run_task(model, "vqa", inputs)["vqa_logits"]
+        got = _vqa(model, inputs)
     return float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min())
 
 
@@ -94,7 +101,7 @@ def test_smoothing_rescues_a_model_with_planted_outlier_channels(case: Path, sha
         tokens = model.cfg.max_text_len + model.cfg.num_image_tokens
         if variant == "calibration":  # ranges from the first two samples, evaluated on all
             first = {k: v[:2] for k, v in inputs.items()}
-            ranges = calibrate(model, lambda batch: run_task(model, "vqa", batch), [first])
+            ranges = calibrate(model, lambda batch: _vqa(model, batch), [first])
             assert ranges  # the joint pass reaches the smoothable layers
             quantize_model(model, tokens, smoothing=True, ranges=ranges)
         elif variant != "fp32":

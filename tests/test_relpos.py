@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.runtime.config import VLMoConfig
-from engine.runtime.relpos import image_index, joint_index, text_index
+from engine.models.vlmo.config import VLMoConfig
+from engine.models.vlmo.relpos import image_index, joint_index, text_index
 
 # W = 2 patches a side: Nr = (2·2-1)² + 3 = 12; T0 = 3 → R = 12 + 6 + 2 = 20; T = 4.
 CFG = VLMoConfig(embed_dim=8, depth=1, num_heads=2, vlffn_start_layer_index=1, image_size=32,

@@ -350,7 +350,7 @@ def test_loadgen_reports_latency_percentiles_and_rate_against_the_server(server:
 
 
 def test_loadgen_arrivals_are_poisson_with_the_requested_rate() -> None:
-    from engine.loadgen import arrival_times
+    from engine.serving.client import arrival_times
 
     times = arrival_times(20000, 8.0, seed=1)
     gaps = [b - a for a, b in zip(times, times[1:])]

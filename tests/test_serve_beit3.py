@@ -119,7 +119,8 @@ def test_the_served_nlvr2_and_embedding_kinds_give_the_published_beit3_outputs(c
     from _beit3 import cut
     from engine.runtime.distributed import ParallelContext
     from engine.runtime.loading import load_model
-    from engine.serving.tasks import IMAGE_EMBEDDING, NLVR2, TEXT_EMBEDDING, ServedModel, served_kinds
+    from engine.models.tasks import IMAGE_EMBEDDING, NLVR2, TEXT_EMBEDDING, served_tasks
+    from engine.serving.tasks import ServedModel
 
     cfg = cut(case, 1, tmp_path)
     cpu = torch.device("cpu")
@@ -129,7 +130,7 @@ def test_the_served_nlvr2_and_embedding_kinds_give_the_published_beit3_outputs(c
     batch = {**inputs, "text_masks": 1 - inputs["padding_mask"]}  # BEiT-3's padding_mask is 1 on padding
     expected = load_file(str(BEIT3 / case / "expected.safetensors"))
     outputs = {NLVR2: "nlvr2_logits", TEXT_EMBEDDING: "text_feats", IMAGE_EMBEDDING: "image_feats"}
-    kinds = served_kinds(cfg)
+    kinds = served_tasks(cfg)
     assert kinds == ([NLVR2] if case.endswith("nlvr2") else [TEXT_EMBEDDING, IMAGE_EMBEDDING])
     with torch.inference_mode():
         for kind in kinds:

@@ -11,7 +11,9 @@ from _paths import GOLDEN
 from _run import run_module, run_torchrun, shard, shard_here
 from sharding.checkpoint import read_checkpoint
 from engine.runtime.errors import ShardingError
-from sharding.infer import infer_config, select_weights
+from engine.models.vlmo.infer import infer_config
+from sharding.weights import select_weights
+from engine.models import checkpoint_layout
 from engine.runtime.plan import shard_tensor
 from engine.runtime.shards import load_rank_shard, read_manifest
 from _shards import merge_shards
@@ -48,11 +50,12 @@ def test_each_rank_holds_its_own_heads(source, tmp_path: Path) -> None:
     qkv = weights["transformer.blocks.0.attn.qkv.weight"]
     for rank in range(tp):
         rows = [qkv[part * D + rank * h * d: part * D + (rank + 1) * h * d] for part in range(3)]
-        got = shard_tensor("transformer.blocks.0.attn.qkv.weight", qkv, cfg, tp, rank)
+        layout = checkpoint_layout(cfg)
+        got = shard_tensor(layout["transformer.blocks.0.attn.qkv.weight"], qkv, tp, rank)
         assert torch.equal(got, torch.cat(rows))
         table = weights["relative_position_bias_table"]
         cols = [layer * cfg.num_heads + rank * h + j for layer in range(cfg.depth) for j in range(h)]
-        assert torch.equal(shard_tensor("relative_position_bias_table", table, cfg, tp, rank), table[:, cols])
+        assert torch.equal(shard_tensor(layout["relative_position_bias_table"], table, tp, rank), table[:, cols])
 
 
 @needs_golden

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.runtime.subln import chunk_statistics, merge_statistics
+from engine.layers.subln import chunk_statistics, merge_statistics
 
 
 @pytest.mark.parametrize("tp", [2, 3, 4])

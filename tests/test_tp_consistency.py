@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _run import forward_many, shard_here
-from engine.runtime.config import VLMoConfig
+from engine.models.vlmo.config import VLMoConfig
 from engine.runtime.plan import full_shapes
 
 BASE = dict(embed_dim=48, depth=3, num_heads=6, vlffn_start_layer_index=2, image_size=48, vocab_size=200,

@@ -35,21 +35,21 @@ class SentencePieceTokenizer:
         except (RuntimeError, OSError) as exc:
             raise DataError(f"{path}: not a SentencePiece model ({str(exc).strip().splitlines()[0]})") from None
         self.model, self.max_len = path, max_len
+        self._unk = self._sp.unk_id()
 
     def ids(self, text: str) -> list:
         """<s>, the XLM-R ids of the text's pieces (cut to max_len - 2), </s>; no padding."""
         pieces = self._sp.encode(text)[: self.max_len - 2]
-        return [BOS] + [p + FAIRSEQ_OFFSET if p != self._sp.unk_id() else UNK for p in pieces] + [EOS]
+        unk = self._unk
+        return [BOS] + [p + FAIRSEQ_OFFSET if p != unk else UNK for p in pieces] + [EOS]
 
     def count(self, text: str) -> int:
         """The text's length in tokens before truncation, <s> and </s> included."""
         return len(self._sp.encode(text)) + 2
 
     def __call__(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
-        ids = torch.full((len(texts), self.max_len), PAD, dtype=torch.int64)
-        padding = torch.ones((len(texts), self.max_len), dtype=torch.int64)
-        for row, text in enumerate(texts):
-            tokens = self.ids(text)
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-            padding[row, :len(tokens)] = 0
+        rows = [self.ids(text) for text in texts]
+        ids = torch.tensor([row + [PAD] * (self.max_len - len(row)) for row in rows], dtype=torch.int64)
+        ids = ids.reshape(len(rows), self.max_len)  # also for no texts
+        padding = (torch.arange(self.max_len) >= torch.tensor([len(row) for row in rows]).reshape(-1, 1)).long()
         return {"text_ids": ids, "padding_mask": padding, "text_masks": 1 - padding}

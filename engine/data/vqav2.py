@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 import click
 import pyarrow as pa
@@ -198,3 +199,15 @@ def read_answer_table(path: Path) -> list:
     if sorted(by_label) != list(range(len(entries))):
         raise DataError(f"{path}: the labels must be 0..{len(entries) - 1}, each exactly once")
     return [by_label[label] for label in range(len(entries))]
+
+
+def answer_table(path: Path, vqa_labels: Optional[int]) -> List[str]:
+    """The label → answer table, checked against the checkpoint's VQA classifier."""
+    if not path.is_file():
+        raise DataError(f"missing answer table {path} (written by `python -m engine.data vqav2`; "
+                        f"or pass --answers)")
+    answers = read_answer_table(path)
+    if len(answers) != vqa_labels:
+        raise DataError(f"the checkpoint's VQA classifier has {vqa_labels} labels but {path} lists "
+                        f"{len(answers)} answers; pass the answer table the checkpoint was fine-tuned with")
+    return answers

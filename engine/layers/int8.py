@@ -6,7 +6,7 @@ is exact (int32 cannot overflow: K · 127² < 2³¹ up to K = 133 000); all the 
 quantisations. The scaling, bias and GELU run after the GEMM in fp32.
 
 Two kernels compute the same integers, and which is faster depends on the CPU and the GEMM shape, so the
-loader times both on each shape (`choose_kernels`), as engine.runtime.kernels does for fp32:
+loader times both on each shape (`choose_kernels`), as engine.layers.kernels does for fp32:
 - `int_mm`: torch._int_mm (oneDNN/ATen on the CPU, cuBLASLt on CUDA) with the weight stored [in, out];
   the int32 product is converted, then scaled per token, then per channel with the bias.
 - `onednn`: oneDNN's int8 linear (torch.ops.onednn.qlinear_pointwise, the op torch's x86 inductor backend
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.runtime.kernels import best_seconds
+from .kernels import best_seconds
 
 INT_MM, ONEDNN = "int_mm", "onednn"
 QMAX = 127
@@ -95,10 +95,15 @@ class Int8Linear(nn.Module):
         else:
             raise ValueError(f"unknown int8 kernel {kernel!r}")
 
+    # It stands where a linear's weight tensor does: callers cast activations to `weight.dtype`, and
+    # engine.bench records GEMM shapes from `weight.shape`.
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype its inputs come in (callers cast activations to their linear's weight dtype)."""
         return torch.float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
-from typing import List, Optional
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from .collectives import TensorParallelComm
 from .health import Health
-from .shm_allreduce import shared_memory_all_reduce
+from .launch import Launch, this_launch
+from .shm_allreduce import SharedMemoryAllReduce, shared_memory_all_reduce
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
@@ -29,6 +30,13 @@ class LaunchError(RuntimeError):
 
 @dataclass
 class ParallelContext:
+    """The one object every collective goes through: where this rank sits (tensor × data parallel), its device
+    and backend, the tensor-parallel all-reduce and broadcast, the object collectives, their host-time counters
+    per purpose, and the health guard that turns a failed or stuck wait into a line naming the rank at fault.
+
+    `layout(tp_size, tp_rank)` makes one without a process group, for building a rank's module tree on the
+    meta device (the sharder and the shard checks read shapes from it); its collectives must not be called.
+    """
     rank: int
     world_size: int
     tp_size: int
@@ -40,24 +48,27 @@ class ParallelContext:
     # pickles need no trip through the accelerator. None: the default group (already gloo).
     object_group: Optional[dist.ProcessGroup] = None
     health: Optional[Health] = None  # made for the context when not given
-    # The tensor-parallel group's all-reduce; None when the model is not cut (tp 1).
-    comm: Optional[TensorParallelComm] = None
+    shared: Optional[SharedMemoryAllReduce] = None  # CPU ranks on one host sum through shared memory
+    # host seconds and calls of the tensor-parallel all-reduces, per purpose ("activations", "subln", ...)
+    comm_seconds: Dict[str, float] = field(default_factory=dict)
+    comm_calls: Dict[str, int] = field(default_factory=dict)
+
+    # where this rank sits: its place in its tensor-parallel group, and its group's among the model copies
+    tp_rank: int = field(init=False)
+    dp_rank: int = field(init=False)
+    dp_size: int = field(init=False)
 
     def __post_init__(self) -> None:
+        self.tp_rank, self.dp_rank = self.rank % self.tp_size, self.rank // self.tp_size
+        self.dp_size = self.world_size // self.tp_size
         if self.health is None:
             self.health = Health(self.rank, self.world_size, self.timeout_s)
 
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tp_size
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank // self.tp_size
-
-    @property
-    def dp_size(self) -> int:
-        return self.world_size // self.tp_size
+    @classmethod
+    def layout(cls, tp_size: int, tp_rank: int = 0) -> "ParallelContext":
+        """Rank `tp_rank` of `tp_size` with no process group: shapes only (the meta device)."""
+        return cls(rank=tp_rank, world_size=tp_size, tp_size=tp_size, device=torch.device("meta"), backend=None,
+                   health=Health(tp_rank, 1, None, beat=False))
 
     @property
     def is_main(self) -> bool:
@@ -67,6 +78,60 @@ class ParallelContext:
     def leads_tp_group(self) -> bool:
         """One rank per model copy reports that copy's results."""
         return self.tp_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # --- the tensor-parallel group ------------------------------------------------------------
+    def all_reduce_(self, tensor: torch.Tensor, purpose: str = "activations") -> torch.Tensor:
+        """Sum `tensor` in place over the tensor-parallel group (nothing at tp 1), counting the host time under
+        `purpose`. On the CPU a call returns when the sum is done; on accelerators the time is the launch's."""
+        if self.tp_size == 1:
+            return tensor
+        start = time.perf_counter()
+        if self.shared is None or not self.shared(tensor):
+            with self.health.guard("all-reduce"):
+                dist.all_reduce(tensor, group=self.tp_group)
+        self.comm_seconds[purpose] = self.comm_seconds.get(purpose, 0.0) + time.perf_counter() - start
+        self.comm_calls[purpose] = self.comm_calls.get(purpose, 0) + 1
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor-parallel group leader's `tensor`, in place on every rank of the group."""
+        if self.tp_size > 1:
+            with self.health.guard("a broadcast in the tensor-parallel group"):
+                dist.broadcast(tensor, src=self.rank - self.tp_rank, group=self.tp_group)
+        return tensor
+
+    # --- the whole world --------------------------------------------------------------------------
+    def barrier(self) -> None:
+        if self.distributed:
+            with self.health.guard("a barrier"):
+                dist.barrier(group=self.object_group)
+
+    def gather_objects(self, obj: object) -> List[object]:
+        """Every rank's `obj` on rank 0 (others get an empty list)."""
+        if not self.distributed:
+            return [obj]
+        gathered: List[object] = [None] * self.world_size if self.is_main else []
+        with self.health.guard("gathering results"):
+            dist.gather_object(obj, gathered if self.is_main else None, dst=0, group=self.object_group)
+        return gathered
+
+    def broadcast_object(self, obj: object) -> object:
+        """Rank 0's `obj` on every rank (the argument is ignored elsewhere)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        with self.health.guard("a broadcast from rank 0"):
+            dist.broadcast_object_list(box, src=0, group=self.object_group)
+        return box[0]
+
+    def synchronize(self) -> None:
+        """Wait for the device so that host timers measure device work."""
+        if self.device.type not in ("cpu", "meta"):
+            getattr(torch, self.device.type).synchronize(self.device)
 
 
 def _npu_available() -> bool:
@@ -108,17 +173,16 @@ def default_threads(local_world_size: int) -> int:
 
 
 def init_parallel(device: str, tp_size: int, timeout_s: float = 600.0,
-                  threads: Optional[int] = None) -> ParallelContext:
-    """Join the torchrun world (or run alone when not launched by torchrun) and form the TP groups."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+                  threads: Optional[int] = None, launch: Optional[Launch] = None) -> ParallelContext:
+    """Join the launcher's world (or run alone when not launched by torchrun) and form the TP groups."""
+    launch = launch or this_launch()
+    world_size, rank, local_rank = launch.world_size, launch.rank, launch.local_rank
     if world_size % tp_size:
         raise LaunchError(f"the shards are cut for tp={tp_size} but {world_size} processes were launched; "
                           f"launch a multiple of {tp_size} (torchrun --nproc-per-node {tp_size} ...)")
     device_type = resolve_device_type(device)
     if device_type == "cpu":
-        torch.set_num_threads(threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        torch.set_num_threads(threads or default_threads(launch.local_world_size))
     device_obj = _bind_device(device_type, local_rank)
     backend = BACKENDS[device_type] if world_size > 1 else None
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -135,10 +199,8 @@ def init_parallel(device: str, tp_size: int, timeout_s: float = 600.0,
             ctx.tp_group = _tp_group(ctx)
             if ctx.backend != "gloo":
                 ctx.object_group = dist.new_group(backend="gloo", timeout=timeout)
-    if tp_size > 1:
-        shared = (shared_memory_all_reduce(ctx.tp_group, ctx.tp_rank, tp_size, ctx.health)
-                  if device_type == "cpu" else None)
-        ctx.comm = TensorParallelComm(ctx.tp_group, tp_size, ctx.health, shared)
+    if tp_size > 1 and device_type == "cpu":
+        ctx.shared = shared_memory_all_reduce(ctx.tp_group, ctx.tp_rank, tp_size, ctx.health)
     return ctx
 
 
@@ -153,41 +215,9 @@ def _tp_group(ctx: ParallelContext) -> Optional[dist.ProcessGroup]:
     return mine
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device so that host timers measure device work."""
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
-
-
-def barrier(ctx: ParallelContext) -> None:
-    if ctx.world_size > 1:
-        with ctx.health.guard("a barrier"):
-            dist.barrier(group=ctx.object_group)
-
-
 def shutdown() -> None:
     """Leave the process group together: a rank that tears down gloo while a peer still talks aborts it."""
     if dist.is_initialized():
         with Health(dist.get_rank(), dist.get_world_size(), None, beat=False).guard("the final barrier"):
             dist.barrier()
         dist.destroy_process_group()
-
-
-def gather_objects(ctx: ParallelContext, obj: object) -> List[object]:
-    """Every rank's `obj` on rank 0 (others get an empty list)."""
-    if ctx.world_size == 1:
-        return [obj]
-    gathered: List[object] = [None] * ctx.world_size if ctx.is_main else []
-    with ctx.health.guard("gathering results"):
-        dist.gather_object(obj, gathered if ctx.is_main else None, dst=0, group=ctx.object_group)
-    return gathered
-
-
-def broadcast_object(ctx: ParallelContext, obj: object) -> object:
-    """Rank 0's `obj` on every rank (the argument is ignored elsewhere)."""
-    if ctx.world_size == 1:
-        return obj
-    box = [obj if ctx.is_main else None]
-    with ctx.health.guard("a broadcast from rank 0"):
-        dist.broadcast_object_list(box, src=0, group=ctx.object_group)
-    return box[0]

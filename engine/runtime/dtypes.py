@@ -12,9 +12,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..layers.int8 import choose_kernels, kernels_for, time_kernels
-from .distributed import ParallelContext, broadcast_object
-from .kernels import best_seconds, bf16_matmul_units, time_linear
+from ..layers.int8 import kernels_for, time_kernels
+from ..layers.kernels import best_seconds, bf16_matmul_units, time_linear
+from .distributed import ParallelContext
 
 CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
 # What auto picks from: never int8 (it changes results), which must be asked for.
@@ -47,7 +47,7 @@ def linear_seconds(dtype: str, shape: Tuple[int, int], tokens: int, device: torc
 def measure(ctx: ParallelContext, dtypes: Tuple[str, ...], shape: Tuple[int, int], tokens: int) -> Dict[str, float]:
     """Seconds per dtype, measured on every rank at once (they share the machine as in a forward); rank 0's."""
     times = {d: linear_seconds(d, shape, tokens, ctx.device) for d in dtypes}
-    return broadcast_object(ctx, times)
+    return ctx.broadcast_object(times)
 
 
 def candidates(device: torch.device) -> Tuple[str, ...]:

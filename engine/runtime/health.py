@@ -19,6 +19,8 @@ from typing import Dict, Iterator, List, Optional
 
 import torch.distributed as dist
 
+from .launch import exit_process, this_launch
+
 HEARTBEAT_S = 0.5
 # A heartbeat older than this means the rank is stopped or gone: several missed beats, so that a rank
 # descheduled on a busy machine is not blamed.
@@ -136,13 +138,12 @@ def leave(line: str, failed: bool) -> None:
     """Print `line` to stderr and end this process with status 1, leaving the others a mark if `failed`.
 
     When several ranks fail with the same error, the first to get here prints it and the rest point to it.
-    A rank of a process group skips interpreter teardown: gloo's threads can abort it with lines of their own.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    store = _store() if failed and world_size > 1 else None
+    launch = this_launch()
+    store = _store() if failed and launch.world_size > 1 else None
     if store is not None:
         try:
-            rank = int(os.environ.get("RANK", "0"))
+            rank = launch.rank
             store.set(f"failed/{rank}", line)
             first = int(store.compare_set("first-failure", "", str(rank)).decode())
             if first != rank and _read(store, f"failed/{first}") == line:
@@ -151,6 +152,4 @@ def leave(line: str, failed: bool) -> None:
             pass  # the store is gone: print our own line
     sys.stdout.flush()
     print(line, file=sys.stderr, flush=True)
-    if dist.is_initialized():
-        os._exit(1)
-    sys.exit(1)
+    exit_process(1)

@@ -1,21 +1,27 @@
-"""Build this rank's model from its own shard file."""
+"""Build this rank's model from its own shard file: read, check, convert, assign — correct by construction."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional
 
 import torch
 
-from .beit3 import BEiT3
-from .beit3_config import BEiT3Config
+from ..layers.attention import key_masking_for
+from ..layers.attention_choice import PER_HEAD, SDPA, choose_attention
+from ..layers.int8 import kernels_for
+from ..layers.quantize import quantize_model
+from ..layers.checkpoint import convert_checkpoint
+from ..layers.kernels import bf16_matmul_units
+from ..layers.linear import pack_where_faster
+from ..models import MultiwayModel, build_model
 from .distributed import ParallelContext
-from .kernels import bf16_matmul_units
-from .model import VLMo
-from .parallel import pack_where_faster
 from .shards import Manifest, load_rank_shard, read_manifest
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# int8 quantises the parallel linears of an fp32 model (engine.layers.quantize); the rest computes in fp32
+INT8 = "int8"
 
 
 def default_dtype(device: torch.device) -> str:
@@ -23,37 +29,45 @@ def default_dtype(device: torch.device) -> str:
     return "fp32" if device.type == "cpu" else "fp16"
 
 
-def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str,
-               manifest: Optional[Manifest] = None) -> Union[VLMo, BEiT3]:
-    """This rank's VLMo or BEiT-3 (as the manifest says), weights checked against the manifest, in `dtype` on
-    ctx.device, ready for inference."""
+def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Optional[Manifest] = None,
+               key_masking: Optional[str] = None) -> MultiwayModel:
+    """This rank's model (the family the manifest says), weights checked against the manifest and converted
+    into what the model computes with, in `dtype` (or int8: W8A8 linears) on ctx.device, ready for inference.
+
+    key_masking: how attention leaves padded keys out (engine.layers.attention) [default: the device's choice].
+    """
     manifest = manifest or read_manifest(shard_dir)
-    tensors = load_rank_shard(shard_dir, ctx.tp_rank, ctx.tp_size, manifest)
+    published = load_rank_shard(shard_dir, ctx.tp_rank, ctx.tp_size, manifest)
     with torch.device("meta"):
-        family = BEiT3 if isinstance(manifest.config, BEiT3Config) else VLMo
-        model = family(manifest.config, ctx.comm)
+        model = build_model(manifest.config, ctx)
+    tensors = convert_checkpoint(model, {k: v.float() for k, v in published.items()})
+    del published  # the conversion's outputs are the model's from here on
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors  # the model holds them now: casting and packing below can free each original as they go
-    model = model.to(device=ctx.device, dtype=torch.float32).fold_scales().set_compute_dtype(DTYPES[dtype]).eval()
-    # "out x in [+bias] [+gelu]" -> the CPU kernel chosen for that linear shape (engine.bench reports it)
-    model.linear_kernels = {}
-    if ctx.device.type == "cpu":
-        use_cpu_kernels(model, DTYPES[dtype], announce=ctx.is_main)
+    compute = torch.float32 if dtype == INT8 else DTYPES[dtype]
+    model = model.to(device=ctx.device).set_compute_dtype(compute).eval()
+    model.attention_options.key_masking = key_masking or key_masking_for(ctx.device)
+    if dtype == INT8:
+        kernels_for(ctx.device)  # a one-line refusal where there is no int8 kernel
+        # VLMO_INT8_SMOOTHING=0: no smoothing (to measure what it does)
+        smoothing = os.environ.get("VLMO_INT8_SMOOTHING", "1") != "0"
+        model.linear_kernels = quantize_model(model, model.cfg.max_text_len + model.cfg.num_image_tokens, smoothing)
+    elif ctx.device.type == "cpu":
+        use_cpu_kernels(model, compute, announce=ctx.is_main)
+    if ctx.device.type == "cpu" and compute == torch.float32:  # fp32 and int8 attend in fp32
+        model.attention_kernel = choose_attention(model)
     return model
 
 
-def use_cpu_kernels(model: Union[VLMo, BEiT3], dtype: torch.dtype, announce: bool = False) -> None:
+def use_cpu_kernels(model: MultiwayModel, dtype: torch.dtype, announce: bool = False) -> None:
     """Pick this CPU's faster kernels: packed oneDNN or plain linears per GEMM shape, timed on one sample's
     joint pass; bf16 attention as per-head matmuls where oneDNN has bf16 matmuls."""
     cfg = model.cfg
-    choice = pack_where_faster(model, tokens=cfg.max_text_len + cfg.num_image_tokens)
-    model.linear_kernels = {f"{shape[0]}x{shape[1]}{' +bias' if bias else ''}{' +gelu' if gelu else ''}": kernel
-                            for (shape, bias, gelu), kernel in sorted(choice.items())}
+    model.linear_kernels = pack_where_faster(model, tokens=cfg.max_text_len + cfg.num_image_tokens)
     if dtype == torch.bfloat16:
         units = bf16_matmul_units()
-        for module in model.modules():
-            if hasattr(module, "per_head_bmm"):
-                module.per_head_bmm = units
+        model.attention_options.per_head_bmm = units
+        model.attention_kernel = PER_HEAD if units else SDPA
         if not units and announce:
             print("note: oneDNN has no bf16 matmul on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; "
                   "AVX512-BF16 or AMX to be fast): bf16 runs on torch's generic kernels, slower than fp32",

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .families import ModelConfig, config_from_dict
+from ..models import ModelConfig, config_from_dict
 from .errors import ShardingError
 from .plan import check_degree, local_shapes
 

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..runtime.families import ModelConfig
+from ..models import ModelConfig
 from .batcher import Batcher, Job, QueueFull, Result, Unavailable
 from .metrics import ServerMetrics
 from .middleware import RETRY_AFTER, BodyLimit, Counted, error_response
@@ -26,7 +26,7 @@ from .payloads import (Prepared, Preprocessor, chat_response, embeddings_respons
                        top_k_of, vqa_response)
 from .preprocess import RequestError, check_image_size
 from .runner import Runner
-from .tasks import IMAGE_EMBEDDING, NLVR2, VQA
+from ..models.tasks import IMAGE_EMBEDDING, NLVR2, VQA
 
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/vqa", "/v1/chat/completions", "/v1/embeddings",
              "/v1/nlvr2")

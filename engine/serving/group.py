@@ -3,16 +3,16 @@
 A step is a small header (what to do, the kind, each tensor's shape and dtype) broadcast as an object, then the
 batch's tensors broadcast on the group's own backend (gloo, NCCL or HCCL). Besides batches there are two steps:
 `ping`, sent when the server is idle, so that waiting ranks never reach the collective timeout and a rank that
-died or hangs is noticed while no request is running (its all-reduce does not complete); and `stop`.
+died or hangs is noticed while no request is running (its all-reduce does not complete); and `stop`. Every
+collective goes through the group's context, inside its health guard.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 
-from ..runtime.distributed import ParallelContext, broadcast_object
+from ..runtime.distributed import ParallelContext
 from .tasks import ServedModel
 
 RUN, PING, STOP = "run", "ping", "stop"
@@ -26,39 +26,30 @@ class GroupChannel:
         self.ctx = ctx
         self.served = served
 
-    @property
-    def distributed(self) -> bool:
-        return self.ctx.world_size > 1
-
     def step(self, op: str, kind: Optional[str] = None, batch: Optional[Batch] = None) -> Optional[torch.Tensor]:
         """Rank 0: run one step on every rank; returns the outputs of a `run` step."""
-        if self.distributed:
+        if self.ctx.distributed:
             header = (op, kind, {k: (tuple(v.shape), v.dtype) for k, v in (batch or {}).items()})
-            broadcast_object(self.ctx, header)
+            self.ctx.broadcast_object(header)
             if batch:
-                batch = {name: self._broadcast(tensor) for name, tensor in batch.items()}
+                batch = {name: self.ctx.broadcast_(tensor.to(self.ctx.device).contiguous())
+                         for name, tensor in batch.items()}
         return self._execute(op, kind, batch)
 
     def follow(self) -> None:
         """Ranks other than 0: execute rank 0's steps until it says stop."""
         while True:
-            op, kind, specs = broadcast_object(self.ctx, None)
-            batch = {name: self._broadcast(torch.empty(shape, dtype=dtype, device=self.ctx.device))
+            op, kind, specs = self.ctx.broadcast_object(None)
+            batch = {name: self.ctx.broadcast_(torch.empty(shape, dtype=dtype, device=self.ctx.device))
                      for name, (shape, dtype) in specs.items()}
             self._execute(op, kind, batch)
             if op == STOP:
                 return
 
-    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.ctx.device).contiguous()
-        dist.broadcast(tensor, src=0, group=self.ctx.tp_group)
-        return tensor
-
     def _execute(self, op: str, kind: Optional[str], batch: Optional[Batch]) -> Optional[torch.Tensor]:
         if op == RUN:
             return self.served.run(kind, batch)
-        if op == PING and self.distributed:
+        if op == PING:
             # completes only when every rank took part: a dead or stopped peer keeps it from returning
-            dist.all_reduce(torch.ones(1, device=self.ctx.device), group=self.ctx.tp_group)
+            self.ctx.all_reduce_(torch.ones(1, device=self.ctx.device), "ping")
         return None
-

@@ -14,12 +14,11 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..runtime.families import ModelConfig
+from ..models import ModelConfig
 from ..tasks.tokenizers import Tokenizer
 from .preprocess import Limits, RequestError, TextPreprocessor, image_bytes_from_text, image_tensor
-from .tasks import IMAGE_EMBEDDING, NLVR2, TEXT_EMBEDDING, VQA
+from ..models.tasks import IMAGE_EMBEDDING, NLVR2, NLVR2_LABELS, TEXT_EMBEDDING, VQA
 
-NLVR2_LABELS = ("False", "True")  # class 0 and 1 of the NLVR2 head, as engine.nlvr2 names them
 DEFAULT_TOP_K = 5
 
 

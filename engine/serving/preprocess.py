@@ -113,9 +113,11 @@ class TextPreprocessor:
         if not text.strip():
             raise RequestError(f"{field}: empty text")
         encoded = self.tokenizer([text])
+        tokens = int(encoded["text_masks"][0].sum())
+        if tokens == self.max_len:  # it filled the window: count what truncation may have cut (a second pass)
+            tokens = self.tokenizer.count(text)
         # the model inputs evaluation's datasets give both families (BEiT-3 derives its padding mask from text_masks)
-        return TokenizedText(tensors={k: encoded[k][0] for k in ("text_ids", "text_masks")},
-                             tokens=self.tokenizer.count(text))
+        return TokenizedText(tensors={k: encoded[k][0] for k in ("text_ids", "text_masks")}, tokens=tokens)
 
     def note(self, text: TokenizedText) -> Optional[str]:
         """What the response says about a truncated text, or None."""

@@ -14,11 +14,11 @@ import torch
 from .batcher import Batcher, Job, Result, Unavailable
 from .group import PING, RUN, STOP, GroupChannel
 from .metrics import ServerMetrics
-from .tasks import INPUTS
+from ..models.tasks import TASKS
 
 
 def collate(jobs: List[Job]) -> dict:
-    return {name: torch.stack([job.inputs[name] for job in jobs]) for name in INPUTS[jobs[0].kind]}
+    return {name: torch.stack([job.inputs[name] for job in jobs]) for name in TASKS[jobs[0].kind].inputs}
 
 
 class Runner:
@@ -47,7 +47,6 @@ class Runner:
             try:
                 while True:
                     jobs = self.batcher.next_batch(self.ping_every_s)
-                    self.metrics.queue_depth.set(self.batcher.depth)
                     if jobs is None:
                         if self.batcher.closed:
                             self._timed(STOP)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,16 +15,15 @@ import torch.distributed as dist
 
 from ..data.raw import DataError
 from ..options import option_group
-from ..runtime.config import VLMoConfig
+from ..models import ModelConfig, MultiwayModel, family_of
+from ..models.tasks import TASKS
 from ..runtime.distributed import LaunchError, ParallelContext, init_parallel, shutdown
 from ..runtime.errors import ShardingError
 from ..runtime.health import PeerFailure, leave
-from ..layers.attention_choice import choose_attention
 from ..layers.int8 import kernels_for
-from ..layers.quantize import load_model_as
 from ..runtime.dtypes import CHOICES, announce, choose
-from ..runtime.loading import default_dtype
-from ..runtime.model import VLMo
+from ..runtime.launch import exit_process, this_launch
+from ..runtime.loading import default_dtype, load_model
 from ..runtime.shards import Manifest, read_manifest
 
 
@@ -37,18 +35,10 @@ class ModelOutputError(RuntimeError):
     """The model gave a non-finite output: an error naming the samples, never an answer."""
 
 
-# Each task head: its name in messages, the checkpoint weights that make it, a published checkpoint that has it.
-HEADS = {
-    "vqa": ("VQA", "vqa_classifier", "vlmo_base_patch16_480_vqa.pt"),
-    "nlvr2": ("NLVR2", "nlvr2_classifier", "vlmo_base_patch16_384_nlvr2.pt"),
-    "irtr": ("retrieval", "itc_text_proj, itc_image_proj", "vlmo_base_patch16_384_coco.pt"),
-}
-
-
 @dataclass
 class Engine:
     ctx: ParallelContext
-    model: VLMo
+    model: MultiwayModel
     manifest: Manifest
     dtype: str
     load_s: float  # this rank's time to load its shard
@@ -72,12 +62,25 @@ def engine_options(command: Callable) -> Callable:
     ])(command)
 
 
-def require_head(cfg: VLMoConfig, task: str, where: object) -> None:
-    """Refuse a checkpoint without `task`'s head (cfg.tasks), saying which checkpoint has one."""
-    if task not in cfg.tasks:
-        name, weights, example = HEADS[task]
+def require_head(cfg: ModelConfig, task: str, where: object) -> None:
+    """Refuse a checkpoint without the head `task` needs (cfg.tasks), saying which checkpoint has one."""
+    head = TASKS[task].head
+    if head not in cfg.tasks:
+        family = family_of(cfg)
+        name, weights, example = TASKS[head].title, family.heads[head].weights, family.heads[head].example
         raise UsageError(f"{where}: the checkpoint has no {name} head ({weights}; it has: "
-                         f"{', '.join(cfg.tasks) or 'none'}); shard a {name} fine-tuned checkpoint such as {example}")
+                         f"{', '.join(cfg.tasks) or 'none'}); shard a {name} fine-tuned {family.title} checkpoint "
+                         f"such as {example}")
+
+
+def pick_task(cfg: ModelConfig, requested: Optional[str]) -> str:
+    """The head task to run: the one requested (if the checkpoint has its head) or the checkpoint's only one."""
+    if requested:
+        require_head(cfg, requested, f"--task {requested}")
+        return requested
+    if len(cfg.tasks) != 1:
+        raise UsageError(f"the checkpoint has heads for {', '.join(cfg.tasks) or 'no task'}; pick one with --task")
+    return cfg.tasks[0]
 
 
 def writable(option: str, path: Path) -> Path:
@@ -87,7 +90,7 @@ def writable(option: str, path: Path) -> Path:
     A file is tried in the nearest existing folder, which also catches read-only folders for root-less
     users and ACLs that permission bits do not show.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not this_launch().is_main:
         return path
     target = Path(os.path.abspath(path))
     if target.is_dir():
@@ -115,15 +118,12 @@ def start_engine(shard_dir: Path, device: str, dtype: Optional[str], threads: Op
     ctx = init_parallel(device, manifest.tp, timeout_s, threads)
     dtype, note = pick_dtype(ctx, manifest.config, dtype)
     start = time.perf_counter()
-    model = load_model_as(shard_dir, ctx, dtype, manifest)
-    model.attention_kernel = None
-    if ctx.device.type == "cpu" and dtype in ("fp32", "int8"):  # both attend in fp32
-        model.attention_kernel = choose_attention(model)
+    model = load_model(shard_dir, ctx, dtype, manifest)
     announce(ctx, note)
     return Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype, load_s=time.perf_counter() - start)
 
 
-def pick_dtype(ctx: ParallelContext, cfg: VLMoConfig, requested: Optional[str]) -> Tuple[str, Optional[str]]:
+def pick_dtype(ctx: ParallelContext, cfg: ModelConfig, requested: Optional[str]) -> Tuple[str, Optional[str]]:
     """(dtype, note): the default as asked, auto resolved by measurement, and for any other explicit choice but
     fp32 (the reference) a note when another candidate is faster here (engine.runtime.dtypes)."""
     if requested is None or requested == "fp32":
@@ -152,11 +152,6 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         if not dist.is_initialized():
             return result
         shutdown()
-        # Every output is written and fsynced by now. Interpreter teardown can still abort a finished rank
-        # ("terminate called without an active exception" from gloo's threads), failing a good run, so a
-        # distributed rank leaves without it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_process(0)  # every output is written and fsynced by now
 
     return wrapper

@@ -20,7 +20,7 @@ import click
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.datasets import collate
-from ..runtime.distributed import ParallelContext, gather_objects, synchronize
+from ..runtime.distributed import ParallelContext
 from .metrics import LatencyStats
 
 Batch = Dict[str, Any]
@@ -86,12 +86,12 @@ def evaluate(
             size = 0
             if batch is not None:
                 size = len(next(iter(batch.values())))
-                synchronize(ctx.device)
+                ctx.synchronize()
                 began = time.perf_counter()
                 records = compute(batch)
-                synchronize(ctx.device)
+                ctx.synchronize()
                 latency.add(time.perf_counter() - began, size)
-            gathered = gather_objects(ctx, (size if reporting else 0, records if reporting else []))
+            gathered = ctx.gather_objects((size if reporting else 0, records if reporting else []))
             if ctx.is_main:
                 step_size = sum(n for n, _ in gathered)
                 if on_records is not None:
@@ -99,7 +99,7 @@ def evaluate(
                 bar.update(step_size)
                 done += step_size
     wall_s = time.perf_counter() - start
-    every_group = gather_objects(ctx, latency if reporting else None)
+    every_group = ctx.gather_objects(latency if reporting else None)
     if ctx.is_main:
         latency = _merged([s for s in every_group if s is not None])
     else:

@@ -14,7 +14,7 @@ import click
 import torch
 from torch.utils.data import Dataset
 
-from ..runtime.distributed import ParallelContext, broadcast_object
+from ..runtime.distributed import ParallelContext
 from ..runtime.shards import Manifest
 from ..options import option_group
 from .cli import Engine, ModelOutputError, UsageError
@@ -87,7 +87,7 @@ def pending(ctx: ParallelContext, writer: Optional[ResultsWriter], keys: Sequenc
 
     Rank 0 alone reads the file (it may live on rank 0's node only) and tells the others what is done.
     """
-    done = broadcast_object(ctx, writer.done_keys if writer else None)
+    done = ctx.broadcast_object(writer.done_keys if writer else None)
     todo = [i for i, key in enumerate(keys) if key not in done]
     if ctx.is_main and done:
         click.echo(f"continuing {writer.path}: {len(keys) - len(todo)} of {len(keys)} {noun} already done", err=True)

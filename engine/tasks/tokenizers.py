@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import click
 
-from ..data.raw import DataError
-from ..data.spm import SentencePieceTokenizer
-from ..data.text import TextTokenizer
-from ..runtime.families import ModelConfig
-
-Tokenizer = Union[TextTokenizer, SentencePieceTokenizer]
+from ..models import ModelConfig, family_of
+from ..models.base import Tokenizer
 
 
 def tokenizer_option(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,11 +20,4 @@ def tokenizer_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_tokenizer(cfg: ModelConfig, tokenizer_path: Optional[Path], vocab: Optional[Path]) -> Tokenizer:
     """The tokenizer for checkpoints of cfg's family, padding to its text length."""
-    if cfg.family == "beit3":
-        if tokenizer_path is None:
-            raise DataError("BEiT-3 checkpoints read text through the SentencePiece model they were trained with: "
-                            "pass --tokenizer beit3.spm")
-        return SentencePieceTokenizer(tokenizer_path, cfg.max_text_len)
-    if tokenizer_path is not None and vocab is not None:
-        raise DataError("pass the WordPiece vocabulary once, with --tokenizer or --vocab")
-    return TextTokenizer(tokenizer_path or vocab, cfg.max_text_len)
+    return family_of(cfg).tokenizer(cfg, tokenizer_path, vocab)

@@ -1,6 +1,6 @@
 """A BEiT-3 checkpoint with random weights in the published format, for benchmarks and demos.
 
-The layout is the engine's own list of a BEiT-3's tensors (engine.runtime.beit3_config.full_shapes, the
+The layout is the engine's own list of a BEiT-3's tensors (engine.models.checkpoint_layout, the
 published key names and shapes) plus what the published models also save and the engine skips
 (`vision_embed.mask_token`, retrieval's `logit_scale`); the file is what beit3's `save_model` writes:
 `{"model": state_dict, "epoch": ..., "args": argparse.Namespace(...)}`. The published VQA models have no
@@ -19,7 +19,8 @@ import click
 import torch
 
 from ..atomic import write_torch
-from ..runtime.beit3_config import HEADS_BY_SIZE, PREFIX, BEiT3Config, full_shapes
+from ..models.beit3.config import HEADS_BY_SIZE, PREFIX, BEiT3Config
+from ..runtime.plan import full_shapes
 
 SIZES = {"base": (768, 12), "large": (1024, 24)}
 TASKS = ("vqa", "nlvr2", "irtr")

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import click
 
-from ..demo import prepare_assets
-from ..loadgen import Client, request_body, run_load, samples_from_arrow, summary_line
+from ..serving.client import Client, request_body, run_load, samples_from_arrow, summary_line
+from .demo_pipeline import prepare_assets
 from ..atomic import atomic_path, write_json
 from .bench_study import _free_port, run_bench
 

@@ -28,7 +28,8 @@ from ..atomic import atomic_path, write_json
 from ..runtime.shards import MANIFEST
 from .demo_assets import build_random_checkpoint
 from ..runtime.distributed import init_parallel
-from ..layers.quantize import load_model_as
+from ..models.tasks import TASKS, VQA
+from ..runtime.loading import load_model
 
 CHECKPOINT_NAME = "vlmo_base_patch16_480_vqa_random_seed0.pt"
 
@@ -83,9 +84,9 @@ def golden_vqa_agreement(golden: Path, dtype: str = "bf16") -> Dict[str, Dict[st
             inputs = load_file(str(case / "inputs.safetensors"))
             logits = {}
             for name in ("fp32", dtype):
-                model = load_model_as(Path(tmp), ctx, name)
+                model = load_model(Path(tmp), ctx, name)
                 with torch.inference_mode():
-                    logits[name] = model.vqa(inputs["text_ids"], inputs["text_masks"], inputs["image"])[0].float()
+                    logits[name] = TASKS[VQA].first_output(model, inputs, ctx.device).float()
         top1 = logits["fp32"].argmax(-1), logits[dtype].argmax(-1)
         first, second = logits["fp32"].topk(2, dim=-1).indices.unbind(-1)
         rows = torch.arange(len(first))

@@ -21,7 +21,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..atomic import atomic_directory, write_json, write_torch
-from ..runtime.config import ARCH_PRESETS, INIT_TEXT_LEN, MLP_RATIO, PATCH_SIZE
+from .. import models
+from ..models.vlmo.config import ARCH_PRESETS, INIT_TEXT_LEN, PATCH_SIZE, VLMoConfig
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,80 +61,28 @@ def checkpoint_layout(
     vocab_size: int = 30522,
     max_text_len: int = 40,
 ) -> Layout:
-    """(key, shape, init) of every saved tensor, in the order the published module registers them."""
+    """(key, shape, init) of every saved tensor, in the order the published module registers them: the engine's
+    own list of a VLMo's published tensors (engine.models.checkpoint_layout), plus retrieval's `logit_scale`,
+    which the published module registers right after its relative-position table."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if image_size % PATCH_SIZE:
         raise ValueError(f"image_size {image_size} is not a multiple of the patch size {PATCH_SIZE}")
-    d, depth, heads = spec["embed_dim"], spec["depth"], spec["num_heads"]
-    ffn = MLP_RATIO * d
-    grid = image_size // PATCH_SIZE
-    out: Layout = []
-
-    def add(key: str, shape: Tuple[int, ...], init: Tuple[float, float] = _WEIGHT) -> None:
-        out.append((key, tuple(shape), init))
-
-    def layer_norm(prefix: str, width: int) -> None:
-        add(f"{prefix}.weight", (width,), _NORM_WEIGHT)
-        add(f"{prefix}.bias", (width,))
-
-    def linear(prefix: str, n_out: int, n_in: int, bias: bool = True) -> None:
-        add(f"{prefix}.weight", (n_out, n_in))
-        if bias:
-            add(f"{prefix}.bias", (n_out,))
-
-    # The LightningModule's own parameters come first in its state dict, then submodules.
-    if spec["relative_position_bias"]:
-        rows = (2 * grid - 1) ** 2 + 3 + 2 * INIT_TEXT_LEN + 2
-        add("relative_position_bias_table", (rows, depth * heads))
+    cfg = VLMoConfig(**spec, image_size=image_size, max_text_len=max_text_len, vocab_size=vocab_size,
+                     max_text_len_of_initckpt=INIT_TEXT_LEN,
+                     num_token_types=3 if task == "nlvr2" else 2,  # NLVR2 adds a row for the second image
+                     vqa_labels=num_labels if task == "vqa" else None, nlvr2=task == "nlvr2",
+                     retrieval=task == "irtr")
+    out: Layout = [(key, spec_.shape, _init(key, spec_.shape)) for key, spec_ in models.checkpoint_layout(cfg).items()]
     if task == "irtr":
-        add("logit_scale", (), _LOGIT_SCALE)
-
-    add("transformer.cls_token", (1, 1, d))
-    if spec["abs_pos_embed"]:
-        add("transformer.pos_embed", (1, grid * grid + 1, d))
-    add("transformer.patch_embed.proj.weight", (d, 3, PATCH_SIZE, PATCH_SIZE))
-    add("transformer.patch_embed.proj.bias", (d,))
-    for i in range(depth):
-        block = f"transformer.blocks.{i}"
-        if spec["layer_scale"]:
-            add(f"{block}.gamma_1", (d,), _GAMMA)
-            add(f"{block}.gamma_2", (d,), _GAMMA)
-        layer_norm(f"{block}.norm1", d)
-        add(f"{block}.attn.q_bias", (d,))
-        add(f"{block}.attn.v_bias", (d,))
-        linear(f"{block}.attn.qkv", 3 * d, d, bias=False)
-        linear(f"{block}.attn.proj", d, d)
-        layer_norm(f"{block}.norm2_text", d)
-        layer_norm(f"{block}.norm2_imag", d)
-        experts = ["text", "imag"] + (["vl"] if i >= spec["vlffn_start_layer_index"] else [])
-        for expert in experts:
-            linear(f"{block}.mlp_{expert}.fc1", ffn, d)
-            linear(f"{block}.mlp_{expert}.fc2", d, ffn)
-        if "vl" in experts:
-            layer_norm(f"{block}.norm2_vl", d)
-    layer_norm("transformer.norm", d)
-
-    add("text_embeddings.word_embeddings.weight", (vocab_size, d))
-    add("text_embeddings.position_embeddings.weight", (max_text_len, d))
-    add("text_embeddings.token_type_embeddings.weight", (2, d))
-    layer_norm("text_embeddings.LayerNorm", d)
-    # NLVR2 fine-tuning widens the modality-type table to 3 rows (second image).
-    add("token_type_embeddings.weight", (3 if task == "nlvr2" else 2, d))
-    linear("pooler.dense", d, d)
-
-    if task == "irtr":
-        linear("itc_text_proj.fc", d, d, bias=False)
-        linear("itc_image_proj.fc", d, d, bias=False)
-    elif task == "vqa":
-        linear("vqa_classifier.0", 2 * d, d)
-        layer_norm("vqa_classifier.1", 2 * d)
-        linear("vqa_classifier.3", num_labels, 2 * d)
-    else:
-        linear("nlvr2_classifier.0", 2 * d, 2 * d)
-        layer_norm("nlvr2_classifier.1", 2 * d)
-        linear("nlvr2_classifier.3", 2, 2 * d)
+        out.insert(1 if spec["relative_position_bias"] else 0, ("logit_scale", (), _LOGIT_SCALE))
     return out
+
+
+def _init(key: str, shape: Tuple[int, ...]) -> Tuple[float, float]:
+    if key.rsplit(".", 1)[-1].startswith("gamma_"):
+        return _GAMMA
+    return _NORM_WEIGHT if len(shape) == 1 and key.endswith(".weight") else _WEIGHT  # 1-D weights: LayerNorms
 
 
 def build_random_checkpoint(

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..atomic import write_json
 from ..bench import output_agreement, synthetic_inputs
-from ..forward import run_task
-from ..layers.quantize import calibrate, quantize_model, smoothing_groups, unpack_linears
+from ..layers.quantize import calibrate, quantize_model, unpack_linears
+from ..models.tasks import TASKS, VQA
 from ..runtime.distributed import ParallelContext, init_parallel
 from ..runtime.loading import load_model
 
@@ -34,7 +34,7 @@ def plant_outliers(model: nn.Module, factor: float, channels: Sequence[int] = OU
     """In place: every LayerNorm that feeds a linear gets γ_j, β_j × factor on `channels` (modulo its width),
     and the columns j of the linears reading it ÷ factor: the same fp32 function, with outlier activations."""
     unpack_linears(model)
-    for norm, readers in smoothing_groups(model):
+    for norm, readers in model.smoothing_groups():
         index = sorted({c % norm.weight.shape[0] for c in channels})
         norm.weight.data[index] *= factor
         norm.bias.data[index] *= factor
@@ -58,7 +58,7 @@ def evaluation_inputs(cfg: Any, golden: Path, synthetic: int) -> Dict[str, torch
 def logits(model: nn.Module, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     n = inputs["text_ids"].shape[0]
     with torch.inference_mode():
-        runs = [run_task(model, "vqa", {k: v[i:i + BATCH] for k, v in inputs.items()}) for i in range(0, n, BATCH)]
+        runs = [TASKS[VQA].run(model, {k: v[i:i + BATCH] for k, v in inputs.items()}) for i in range(0, n, BATCH)]
     return {"vqa_logits": torch.cat([r["vqa_logits"] for r in runs]).float()}
 
 
@@ -91,7 +91,7 @@ def study(shard_dir: Path, ctx: ParallelContext, inputs: Dict[str, torch.Tensor]
         planted, smooth, calibrated = VARIANTS[name]
         model = fresh(planted)
         if smooth is not None:
-            ranges = calibrate(model, lambda b: run_task(model, "vqa", b), [calibration]) if calibrated else None
+            ranges = calibrate(model, lambda b: TASKS[VQA].run(model, b), [calibration]) if calibrated else None
             quantize_model(model, tokens, smooth, ranges)
         results[name] = summary(logits(model, inputs), want)
         click.echo(f"{name:<24} " + ", ".join(f"{k} {v:.5f}" for k, v in results[name].items()), err=True)

@@ -1,7 +1,7 @@
 """Int8 against fp32 on VLMo-base's GEMM shapes (python -m engine.tools.int8_kernels).
 
 Per shape, threads and token count: the fp32 linear the engine would run (the faster of ATen's and oneDNN's
-packed one, engine.runtime.kernels) against each W8A8 kernel of engine.layers.int8, the activation
+packed one, engine.layers.kernels) against each W8A8 kernel of engine.layers.int8, the activation
 quantisation and the scaling included. Several interleaved rounds; prints min and median of each ratio.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import click
 import torch
 
 from ..layers.int8 import Int8Linear, kernels_for
-from ..runtime.kernels import best_seconds, time_linear
+from ..layers.kernels import best_seconds, time_linear
 
 D, FFN = 768, 3072
 

@@ -21,6 +21,11 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..runtime.distributed import ParallelContext
+from .checkpoint import parameter
+from .split import Split
 
 
 def chunk_statistics(x: torch.Tensor) -> torch.Tensor:
@@ -59,3 +64,13 @@ def split_layer_norm(parts: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Ten
         normed = (x.float() - mean.view(shape)).mul_(rstd.view(shape))
         out.append(torch.addcmul(b, normed, w))
     return out
+
+
+class SplitLayerNorm(nn.Module):
+    """This rank's chunk of a LayerNorm's weight and bias over split features; `split_layer_norm` normalises."""
+
+    def __init__(self, features: int, ctx: ParallelContext) -> None:
+        super().__init__()
+        local = features // ctx.tp_size
+        split = Split(0, why="its features; the statistics reduced across ranks")
+        self.weight, self.bias = parameter(local, split=split), parameter(local, split=split)

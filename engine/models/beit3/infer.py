@@ -13,15 +13,16 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from engine.runtime.beit3_config import HEADS_BY_SIZE, POSITION_OFFSET, PREFIX, BEiT3Config
-
-from .infer import OVERRIDE_FLAGS, ConfigError, layer_count, weight_shape
+from ..inference import OVERRIDE_FLAGS, ConfigError, check_heads, layer_count, weight_shape
+from .config import HEADS_BY_SIZE, POSITION_OFFSET, PREFIX, BEiT3Config
 
 _LAYER = re.compile(re.escape(PREFIX) + r"encoder\.layers\.(\d+)\.")
+_VQA_HEAD = re.compile(r"pooler\.|head\.\d")  # Pooler, then Linear-LN-GELU-Linear
+_NLVR2_HEAD = re.compile(r"head\.(norm|dense)\d")  # TwoLayerMLP
 DEFAULT_TEXT_LEN = 64  # beit3's --num_max_bpe_tokens default
 
 
-def is_beit3(sd: Mapping[str, torch.Tensor]) -> bool:
+def recognises(sd: Mapping[str, torch.Tensor]) -> bool:
     """Whether a state dict holds BEiT-3 weights (torchscale's Multiway encoder under `beit3.`)."""
     return any(_LAYER.match(k) for k in sd) or f"{PREFIX}text_embed.weight" in sd
 
@@ -50,14 +51,11 @@ def _num_heads(embed_dim: int, depth: int) -> int:
                       f"not a published size; pass {OVERRIDE_FLAGS['num_heads']}")
 
 
-def infer_beit3_config(sd: Mapping[str, torch.Tensor], args: Optional[Mapping[str, Any]] = None,
+def infer_config(sd: Mapping[str, torch.Tensor], args: Optional[Mapping[str, Any]] = None,
                        overrides: Optional[Mapping[str, Any]] = None) -> BEiT3Config:
     """The config of a BEiT-3 checkpoint; `overrides` maps BEiT3Config field names to forced values."""
     args = dict(args or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "vlffn_start_layer_index" in overrides:
-        raise ConfigError(f"{OVERRIDE_FLAGS['vlffn_start_layer_index']} does not apply to BEiT-3 "
-                          f"(it has no vision-language expert)")
     vocab_size, embed_dim = _shape(sd, f"{PREFIX}text_embed.weight")
     depth = _depth(sd)
     patch = _shape(sd, f"{PREFIX}vision_embed.proj.weight")[-1]
@@ -65,19 +63,18 @@ def infer_beit3_config(sd: Mapping[str, torch.Tensor], args: Optional[Mapping[st
         "embed_dim": embed_dim, "depth": depth, "vocab_size": vocab_size, "patch_size": patch,
         "ffn_dim": _shape(sd, f"{PREFIX}encoder.layers.0.ffn.A.fc1.weight")[0],
         "text_positions": _shape(sd, f"{PREFIX}encoder.embed_positions.B.weight")[0],
-        "normalize_output": f"{PREFIX}encoder.layer_norm.A.weight" in sd,
-        "vqa_labels": sd["head.3.weight"].shape[0] if "head.3.weight" in sd else None,
-        "nlvr2": "head.dense2.weight" in sd,
-        "retrieval": "vision_head.weight" in sd or "language_head.weight" in sd,
+        "normalize_output": any(k.startswith(f"{PREFIX}encoder.layer_norm.") for k in sd),
+        # a head is there when any of its tensors is: one that lacks the rest is then named as missing
+        "vqa_labels": _shape(sd, "head.3.weight")[0] if any(_VQA_HEAD.match(k) for k in sd) else None,
+        "nlvr2": any(_NLVR2_HEAD.match(k) for k in sd),
+        "retrieval": any(k.startswith(("vision_head.", "language_head.")) for k in sd),
     }
     for name, infer in (("num_heads", lambda: _num_heads(embed_dim, depth)),
                         ("image_size", lambda: _image_size(sd, patch)),
                         ("max_text_len", lambda: int(args.get("num_max_bpe_tokens", DEFAULT_TEXT_LEN)))):
         fields[name] = overrides[name] if name in overrides else infer()
     cfg = BEiT3Config(**fields)
-    if cfg.embed_dim % cfg.num_heads:
-        raise ConfigError(f"{cfg.num_heads} heads do not divide the width {cfg.embed_dim}; "
-                          f"check {OVERRIDE_FLAGS['num_heads']}")
+    check_heads(cfg.embed_dim, cfg.num_heads)
     if cfg.max_text_len + POSITION_OFFSET > cfg.text_positions:
         raise ConfigError(f"a text length of {cfg.max_text_len} needs {cfg.max_text_len + POSITION_OFFSET} text "
                           f"positions, the checkpoint has {cfg.text_positions}; check "

@@ -9,52 +9,33 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from engine.runtime.config import ARCH_PRESETS, INIT_TEXT_LEN, PATCH_SIZE, VLMoConfig
+from ..inference import OVERRIDE_FLAGS, ConfigError, check_heads, layer_count, weight_shape
+from .config import ARCH_PRESETS, INIT_TEXT_LEN, PATCH_SIZE, VLMoConfig
 
-from engine.runtime.plan import full_shapes
-
-# CLI option that overrides each inferred field.
-OVERRIDE_FLAGS = {
-    "num_heads": "--num-heads",
-    "image_size": "--image-size",
-    "max_text_len": "--max-text-len",
-    "vlffn_start_layer_index": "--vl-start-layer",
-}
 _BLOCK = re.compile(r"transformer\.blocks\.(\d+)\.")
+# tensors of the vision-language expert, whose presence in a layer says the layer has one
+_VL_EXPERT = re.compile(r"transformer\.blocks\.(\d+)\.(mlp_vl|norm2_vl)\.")
 
 
-class ConfigError(ValueError):
-    """The checkpoint does not say enough, or contradicts itself."""
-
-
-def weight_shape(sd: Mapping[str, torch.Tensor], key: str, family: str = "VLMo") -> Tuple[int, ...]:
-    if key not in sd:
-        raise ConfigError(f"missing weight {key}: this does not look like a {family} checkpoint")
-    return tuple(sd[key].shape)
-
-
-def layer_count(sd: Mapping[str, torch.Tensor], layer: "re.Pattern[str]", keys: str, noun: str,
-                family: str = "VLMo") -> int:
-    """How many layers `layer` (a regex capturing the index) numbers, refusing gaps."""
-    layers = {int(m.group(1)) for k in sd if (m := layer.match(k))}
-    if not layers:
-        raise ConfigError(f"no {keys} weights: this does not look like a {family} checkpoint")
-    if layers != set(range(len(layers))):
-        missing = sorted(set(range(max(layers) + 1)) - layers)
-        raise ConfigError(f"{noun} {missing} are missing")
-    return len(layers)
+def recognises(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict holds VLMo weights (the multiway transformer under `transformer.`)."""
+    return any(_BLOCK.match(k) for k in sd) or "transformer.cls_token" in sd
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str) -> Tuple[int, ...]:
-    return weight_shape(sd, key)
+    return weight_shape(sd, key, "VLMo")
+
+
+def _has(sd: Mapping[str, torch.Tensor], *prefixes: str) -> bool:
+    return any(k.startswith(prefixes) for k in sd)
 
 
 def _depth(sd: Mapping[str, torch.Tensor]) -> int:
-    return layer_count(sd, _BLOCK, "transformer.blocks.*", "transformer blocks")
+    return layer_count(sd, _BLOCK, "transformer.blocks.*", "transformer blocks", "VLMo")
 
 
 def _num_heads(sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], embed_dim: int, depth: int) -> int:
@@ -73,6 +54,7 @@ def _num_heads(sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], embed_d
 
 
 def _image_size(sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], text_len0: int) -> int:
+    # the inverse of VLMoConfig.rel_table_rows
     if "image_size" in hyper:
         return int(hyper["image_size"])
     if "transformer.pos_embed" in sd:
@@ -88,7 +70,8 @@ def _image_size(sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], text_l
 
 
 def _vl_start(sd: Mapping[str, torch.Tensor], depth: int) -> int:
-    with_vl = sorted({i for i in range(depth) if f"transformer.blocks.{i}.mlp_vl.fc1.weight" in sd})
+    # any of the expert's tensors marks its layer: one that lacks the rest is then named as missing
+    with_vl = sorted({int(m.group(1)) for k in sd if (m := _VL_EXPERT.match(k))})
     start = with_vl[0] if with_vl else depth
     if with_vl != list(range(start, depth)):
         raise ConfigError(f"vision-language experts must fill the top layers, found them in layers {with_vl}")
@@ -113,9 +96,10 @@ def infer_config(sd: Mapping[str, torch.Tensor], hyper: Optional[Mapping[str, An
         "layer_scale": "transformer.blocks.0.gamma_1" in sd,
         "max_text_len_of_initckpt": text_len0,
         "num_token_types": _shape(sd, "token_type_embeddings.weight")[0],
-        "vqa_labels": sd["vqa_classifier.3.weight"].shape[0] if "vqa_classifier.3.weight" in sd else None,
-        "nlvr2": any(k.startswith("nlvr2_classifier.") for k in sd),
-        "retrieval": "itc_text_proj.fc.weight" in sd or "itc_image_proj.fc.weight" in sd,
+        # a head is there when any of its tensors is: one that lacks the rest is then named as missing
+        "vqa_labels": (_shape(sd, "vqa_classifier.3.weight")[0] if _has(sd, "vqa_classifier.") else None),
+        "nlvr2": _has(sd, "nlvr2_classifier."),
+        "retrieval": _has(sd, "itc_text_proj.", "itc_image_proj."),
     }
     for name, infer in (
         ("num_heads", lambda: _num_heads(sd, hyper, embed_dim, depth)),
@@ -131,29 +115,10 @@ def infer_config(sd: Mapping[str, torch.Tensor], hyper: Optional[Mapping[str, An
 
 
 def _check_consistent(cfg: VLMoConfig) -> None:
-    if cfg.embed_dim % cfg.num_heads:
-        raise ConfigError(f"{cfg.num_heads} heads do not divide the width {cfg.embed_dim}; "
-                          f"check {OVERRIDE_FLAGS['num_heads']}")
+    check_heads(cfg.embed_dim, cfg.num_heads)
     if cfg.image_size % cfg.patch_size:
         raise ConfigError(f"image size {cfg.image_size} is not a multiple of the {cfg.patch_size}-pixel patch; "
                           f"check {OVERRIDE_FLAGS['image_size']}")
-
-
-def select_weights(sd: Mapping[str, torch.Tensor], cfg: VLMoConfig) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """The tensors the engine needs, checked against the config, and the names it ignores.
-
-    Missing tensors and shape mismatches are errors that name every offender.
-    """
-    expected = full_shapes(cfg)
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ConfigError(f"missing weights: {shown}")
-    wrong = [f"{k} is {tuple(sd[k].shape)}, expected {expected[k]}" for k in expected
-             if tuple(sd[k].shape) != expected[k]]
-    if wrong:
-        hint = (f" (if the image size or head count was guessed wrong, pass {OVERRIDE_FLAGS['image_size']} "
-                f"or {OVERRIDE_FLAGS['num_heads']})")
-        raise ConfigError("weights do not match the inferred config: " + "; ".join(wrong[:4]) + hint)
-    unknown = sorted(set(sd) - set(expected))
-    return {k: sd[k] for k in expected}, unknown
+    if not 0 <= cfg.vlffn_start_layer_index <= cfg.depth:
+        raise ConfigError(f"the vision-language experts cannot start at layer {cfg.vlffn_start_layer_index} of a "
+                          f"{cfg.depth}-layer model; check {OVERRIDE_FLAGS['vlffn_start_layer_index']}")

@@ -1,9 +1,10 @@
 """The VLMo model configuration: one dataclass, carried in the shard manifest."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional
+
+from ..base import ModelConfigBase
 
 PATCH_SIZE = 16
 MLP_RATIO = 4
@@ -27,58 +28,9 @@ ARCH_PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-class ModelConfigBase:
-    """What the model families' configs share: derived sizes, the task heads present, the manifest's dict form."""
-
-    embed_dim: int
-    num_heads: int
-    image_size: int
-    patch_size: int
-    vqa_labels: Optional[int]
-    nlvr2: bool
-    retrieval: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def grid(self) -> int:
-        """W: patches per image side."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_image_tokens(self) -> int:
-        """n = W² + 1 (the CLS token)."""
-        return self.grid ** 2 + 1
-
-    @property
-    def tasks(self) -> tuple:
-        """Task heads present in the checkpoint, in a fixed order."""
-        found = []
-        if self.vqa_labels:
-            found.append("vqa")
-        if self.nlvr2:
-            found.append("nlvr2")
-        if self.retrieval:
-            found.append("irtr")
-        return tuple(found)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> Any:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
-        return cls(**data)
-
-
 @dataclass(frozen=True)
 class VLMoConfig(ModelConfigBase):
-    family: ClassVar[str] = "vlmo"  # not a field: VLMo manifests carry no family (engine.runtime.families)
+    family: ClassVar[str] = "vlmo"  # not a field; manifests written before BEiT-3 carry none
 
     embed_dim: int
     depth: int

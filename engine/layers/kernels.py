@@ -9,9 +9,10 @@ AVX-512 machine behave as an AVX2 one for oneDNN (tests use it to take the path 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from typing import Callable, Dict, Iterable, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,28 @@ PLAIN_MARGIN = 0.1
 LinearKey = Tuple[Tuple[int, int], bool, bool]
 
 
-def linear(x: torch.Tensor, weight: Union[torch.Tensor, torch.nn.Module], bias: torch.Tensor = None, gelu: bool = False) -> torch.Tensor:
+# (M, K, N) of every linear() call while record_gemm_shapes is active (engine.bench reads the forward's own shapes)
+_recorded: Optional[Set[Tuple[int, int, int]]] = None
+
+
+@contextlib.contextmanager
+def record_gemm_shapes() -> Iterator[Set[Tuple[int, int, int]]]:
+    """Collect the GEMM shapes the linears run inside the block."""
+    global _recorded
+    _recorded = shapes = set()
+    try:
+        yield shapes
+    finally:
+        _recorded = None
+
+
+def linear(x: torch.Tensor, weight: Union[torch.Tensor, torch.nn.Module], bias: torch.Tensor = None,
+           gelu: bool = False) -> torch.Tensor:
     """x Wᵀ + b, then exact GELU if asked: one fused oneDNN call for a packed weight, else F.linear.
 
     A weight that is a module (engine.layers.int8.Int8Linear) computes the whole step itself."""
+    if _recorded is not None:
+        _recorded.add((x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]))
     if isinstance(weight, torch.nn.Module):
         return weight(x, bias, gelu)
     if weight.is_mkldnn:
