@@ -30,7 +30,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[serve,test,bench]"
+	$(PY) -m pip install -q -e ".[serve,test,bench,index]"
 	touch $@
 
 demo: install

@@ -12,10 +12,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
 
 import click
 
+from .data.vqav2 import ANSWER_TABLE
 from .tools.demo_pipeline import prepare_assets, run_step
 
 @click.command()

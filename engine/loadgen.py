@@ -66,7 +66,10 @@ def main(url: str, arrow_dir: Optional[Path], split: str, image_dir: Optional[Pa
     if not samples:
         raise click.UsageError(f"no images or questions found in {arrow_dir or image_dir}")
     bodies = [request_body(endpoint, *samples[i % len(samples)]) for i in range(n_requests)]
-    client = Client(url, "/v1/chat/completions" if endpoint == "chat" else "/v1/vqa", timeout_s)
+    try:
+        client = Client(url, "/v1/chat/completions" if endpoint == "chat" else "/v1/vqa", timeout_s)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     report = run_load(client, bodies, arrivals, concurrency, seed)
     click.echo(summary_line(report))
     if json_path:

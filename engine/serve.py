@@ -29,7 +29,8 @@ from .serving.metrics import ServerMetrics
 from .serving.payloads import Preprocessor
 from .serving.preprocess import Limits
 from .serving.runner import Runner
-from .models.tasks import VQA, served_tasks
+from .models.tasks import TEXT_EMBEDDING, VQA, served_tasks
+from .serving.search import SearchIndex
 from .serving.tasks import ServedModel
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .data.vqav2 import answer_table
@@ -132,13 +133,17 @@ class _Server(uvicorn.Server):
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
 @tokenizer_option
+@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
+              help="An image index (python -m engine.index build) to serve: POST /v1/search, GET /v1/images/{id} "
+                   "and the search page /search.")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          answers_path: Optional[Path], host: str, port: int, max_batch_size: int, max_wait_ms: float,
          max_queue: int, max_image_bytes: int, max_image_pixels: int, max_body_bytes: Optional[int],
          request_timeout_s: float, drain_timeout_s: float, preprocess_threads: int, model_id: Optional[str],
-         vocab: Optional[Path], tokenizer_path: Optional[Path]) -> None:
-    """Serve the sharded checkpoint in SHARDS over HTTP: VQA, OpenAI chat, embeddings, NLVR2, metrics, a web page."""
+         vocab: Optional[Path], tokenizer_path: Optional[Path], index_dir: Optional[Path]) -> None:
+    """Serve the sharded checkpoint in SHARDS over HTTP: VQA, OpenAI chat, embeddings, NLVR2, image search (--index),
+    metrics, web pages."""
     manifest = read_manifest(shard_dir)
     check_launch(manifest, shard_dir)
     cfg = manifest.config
@@ -152,8 +157,11 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
                              "with, written by `python -m engine.data vqav2`)")
         answers = answer_table(answers_path, cfg.vqa_labels)
     tokenizer = make_tokenizer(cfg, tokenizer_path, vocab)  # every rank refuses a missing one, before loading
+    if index_dir is not None and TEXT_EMBEDDING not in kinds:
+        raise UsageError(f"--index {index_dir}: {shard_dir} has no retrieval head to embed queries with")
     if not this_launch().is_main:
         follow(shard_dir, device, dtype, threads, timeout_s)
+    search = SearchIndex.open(index_dir, manifest, shard_dir) if index_dir is not None else None  # rank 0's alone
     limits = Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
     preprocessor = Preprocessor(cfg, tokenizer, limits)
     sock = listen(host, port)
@@ -174,7 +182,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         dtype=dtype, kinds=kinds, answers=answers, preprocessor=preprocessor, batcher=batcher,
         runner=runner, metrics=metrics, pool=ThreadPoolExecutor(preprocess_threads, thread_name_prefix="prep"),
         request_timeout_s=request_timeout_s, created=int(time.time()),
-        max_body_bytes=max_body_bytes or 3 * max_image_bytes + (1 << 20))
+        max_body_bytes=max_body_bytes or 3 * max_image_bytes + (1 << 20), search=search)
     server = _Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=drain_timeout_s, lifespan="off"))
     server.on_exit = batcher.close
@@ -189,7 +197,8 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         except Exception as exc:  # a bad shard, a peer that never came: one line, then exit 1
             runner.fail(f"cannot load {shard_dir}: {exc}")
             return
-        click.echo(f"ready: {state.model_id} ({', '.join(kinds)}; tp {manifest.tp}, {engine.dtype})", err=True)
+        served = f"; searching {index_dir} ({len(search.store)} images, /search)" if search else ""
+        click.echo(f"ready: {state.model_id} ({', '.join(kinds)}; tp {manifest.tp}, {engine.dtype}){served}", err=True)
         runner.loop()
 
     # uvicorn re-raises the signal after its graceful shutdown, into the handler in place before it: these.

@@ -23,7 +23,7 @@ from .data.vqav2 import ANSWER_TABLE, answer_table
 from .models import MultiwayModel
 from .models.tasks import TASKS, VQA
 from .runtime.shards import read_manifest
-from .tasks.cli import UsageError, engine_options, one_line_errors, require_head, start_engine, writable
+from .tasks.cli import engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.evaluation import Batch, Record
 from .tasks.frontend import (Row, Step, image_errors, latency_rows, per_sample_step, print_table, results_options,
                              run_info, run_resumable, run_title, task_options)

@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -84,7 +85,8 @@ class Browser:
         return tab
 
     def close(self) -> None:
-        self.proc.kill()
+        # the whole session: renderer and zygote processes that outlive the browser would keep writing the profile
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self._profile.cleanup()
 

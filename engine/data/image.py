@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 # What Pillow's decoders raise on corrupt or hostile data.
 _DECODE_FAILURES = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
@@ -16,11 +16,12 @@ class ImageDecodeError(Exception):
     """Image bytes that Pillow cannot decode; callers report and skip the sample."""
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes (JPEG, PNG, ...) to an RGB image."""
+def decode_image(data: bytes, upright: bool = False) -> Image.Image:
+    """Decode image bytes (JPEG, PNG, ...) to an RGB image; `upright` turns it as its EXIF orientation says (a
+    camera's photo as it is shown; the published evaluation reads the pixels as stored)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            return (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
     except _DECODE_FAILURES as err:
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {err}") from None
 

@@ -26,10 +26,12 @@ from .payloads import (Prepared, Preprocessor, chat_response, embeddings_respons
                        top_k_of, vqa_response)
 from .preprocess import RequestError, check_image_size
 from .runner import Runner
-from ..models.tasks import IMAGE_EMBEDDING, NLVR2, VQA
+from ..models.tasks import IMAGE_EMBEDDING, NLVR2, TEXT_EMBEDDING, VQA
+from .search import SearchIndex, search_job
+from .search_page import search_page_html
 
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/vqa", "/v1/chat/completions", "/v1/embeddings",
-             "/v1/nlvr2")
+             "/v1/nlvr2", "/search", "/v1/search", "/v1/images/{id}")
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ServerState:
     request_timeout_s: float
     max_body_bytes: int
     created: int
+    search: Optional[SearchIndex] = None  # engine.serve --index
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -125,7 +128,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return page_html(state.model_id, VQA in state.kinds)
+        return page_html(state.model_id, VQA in state.kinds, state.search is not None)
 
     async def image_task(request: Request, files: Sequence[str], text: str, make: Callable,
                          from_json: Callable[[bytes], Prepared]) -> Prepared:
@@ -180,6 +183,31 @@ def build_app(state: ServerState) -> FastAPI:
                                        data.get("encoding_format", "float"), sum(p.tokens for p in prepared))
         response["vlmo"] = answered(began, prepared, results)
         return response
+
+    def need_index() -> SearchIndex:
+        if state.search is None:
+            raise RequestError("no index is served: start engine.serve with --index INDEX "
+                               "(built by `python -m engine.index build`)", 404)
+        return state.search
+
+    @app.get("/search", response_class=HTMLResponse)
+    async def search_page() -> str:
+        return search_page_html(state.model_id, len(need_index().store))
+
+    @app.post("/v1/search")
+    async def search(request: Request) -> Dict[str, Any]:
+        began = time.perf_counter()
+        index = need_index()
+        need(TEXT_EMBEDDING, "retrieval")
+        prepared, top_k = await offload(search_job, state.preprocessor, index, await request.body())
+        results = await run([prepared])
+        found = await offload(index.search, results[0].output, top_k)
+        return {"results": found, **answered(began, [prepared], results)}
+
+    @app.get("/v1/images/{ident}")
+    async def indexed_image(ident: str, request: Request) -> Response:
+        data, media_type = await offload(need_index().image, ident, request.query_params.get("max_side"))
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     return app
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..data.arrow_io import read_split
-from ..data.raw import DataError
 from ..tasks.metrics import percentiles_ms
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -64,7 +63,7 @@ class Client:
     def __init__(self, url: str, path: str, timeout: float) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme != "http" or not parsed.hostname:
-            raise click.UsageError(f"--url: expected http://HOST:PORT, got {url!r}")
+            raise ValueError(f"--url: expected http://HOST:PORT, got {url!r}")
         self.host, self.port = parsed.hostname, parsed.port or 80
         self.path, self.timeout = path, timeout
 

@@ -59,15 +59,24 @@ class BodyLimit(_HttpOnly):
 
 
 class Counted(_HttpOnly):
-    """Requests by endpoint and status, and their latency (paths other than `endpoints` count as "other")."""
+    """Requests by endpoint and status, and their latency (paths other than `endpoints` count as "other"; an
+    endpoint with a {parameter} stands for every value of its last segment)."""
 
     def __init__(self, app: Callable, metrics: ServerMetrics, endpoints: Sequence[str]) -> None:
         super().__init__(app)
         self.metrics, self.endpoints = metrics, set(endpoints)
+        # "/v1/images/{id}": any one path segment after the prefix
+        self.templates = {e.split("{", 1)[0]: e for e in endpoints if "{" in e}
+
+    def endpoint(self, path: str) -> str:
+        if path in self.endpoints:
+            return path
+        prefix, _, rest = path.rpartition("/")
+        return self.templates.get(prefix + "/", "other") if rest else "other"
 
     async def http(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
         began = time.perf_counter()
-        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        endpoint = self.endpoint(scope["path"])
         status = ["500"]
 
         async def noted(message: Dict[str, Any]) -> None:

@@ -73,7 +73,8 @@ form.addEventListener("submit", async (event) => {
 """
 
 
-def page_html(model_id: str, has_vqa: bool) -> str:
+def page_html(model_id: str, has_vqa: bool, has_search: bool = False) -> str:
     note = ("Choose an image and type a question: the five most likely answers appear with their probabilities."
             if has_vqa else "This checkpoint has no VQA head: use the API endpoints listed by /v1/models.")
-    return _PAGE.replace("__MODEL__", html.escape(model_id)).replace("__NOTE__", html.escape(note))
+    link = ' <a href="/search">Search the indexed images.</a>' if has_search else ""
+    return _PAGE.replace("__MODEL__", html.escape(model_id)).replace("__NOTE__", html.escape(note) + link)

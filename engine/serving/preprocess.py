@@ -81,11 +81,12 @@ def _check_pixels(data: bytes, field: str, limits: Limits) -> None:
                            f"{limits.max_image_pixels}", 413)
 
 
-def image_tensor(data: bytes, field: str, size: int, limits: Limits) -> torch.Tensor:
-    """[3, size, size] normalised, exactly as the evaluation datasets make it."""
+def image_tensor(data: bytes, field: str, size: int, limits: Limits, upright: bool = False) -> torch.Tensor:
+    """[3, size, size] normalised, exactly as the evaluation datasets make it (`upright`: as engine.index reads
+    photos, turned as their EXIF orientation says)."""
     _check_pixels(data, field, limits)
     try:
-        return square_transform(decode_image(data), size)
+        return square_transform(decode_image(data, upright), size)
     except ImageDecodeError as exc:
         raise RequestError(f"{field}: {exc}") from None
 

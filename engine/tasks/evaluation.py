@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-import click
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.datasets import collate
 from ..runtime.distributed import ParallelContext
 from .metrics import LatencyStats
+from .progress import Progress
 
 Batch = Dict[str, Any]
 Record = Dict[str, Any]
@@ -57,6 +56,7 @@ def evaluate(
     collate_fn: Callable[[List[Any]], Batch] = collate,
     on_records: Optional[Callable[[List[Record]], None]] = None,
     label: str = "evaluating",
+    unit: str = "samples",
 ) -> EvalStats:
     """Run `compute` over `dataset[indices]`, split across the data-parallel groups.
 
@@ -79,7 +79,7 @@ def evaluate(
     start = time.perf_counter()
     batches = iter(loader)
     reporting = ctx.leads_tp_group
-    with _progress(ctx, len(indices), label) as bar:
+    with _progress(ctx, len(indices), label, unit) as bar:
         for _ in range(steps):
             batch = next(batches, None)
             records: List[Record] = []
@@ -118,10 +118,13 @@ class _NoBar:
 
 
 @contextlib.contextmanager
-def _progress(ctx: ParallelContext, total: int, label: str) -> Iterator[Any]:
-    """A progress bar on rank 0 (stderr, so stdout keeps only results); nothing elsewhere."""
+def _progress(ctx: ParallelContext, total: int, label: str, unit: str) -> Iterator[Any]:
+    """A progress bar with rate and time left on rank 0 (stderr, so stdout keeps only results); nothing elsewhere."""
     if not ctx.is_main:
         yield _NoBar()
         return
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+    bar = Progress(total, label, unit)
+    try:
         yield bar
+    finally:
+        bar.close()
