@@ -2,18 +2,20 @@
 
 A CPU's flags do not say whether bf16 is fast: oneDNN runs bf16 on every AVX-512 CPU, natively with AVX512-BF16
 or AMX, by conversion otherwise (3.7× slower than fp32 on an Ice Lake Xeon), and int8 needs VNNI to pay. So
-each candidate dtype is timed on the model's widest linear (this rank's fc1, one sample's tokens) with the
-kernel the loader would pick, every rank at once, and rank 0's timings decide for all.
+each candidate dtype is timed, its calls interleaved with the others', on the model's widest linear (this rank's
+fc1, one sample's tokens) with the kernels the loader may pick, every rank at once; rank 0's timings decide.
 """
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Dict, Optional, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..layers.int8 import kernels_for, time_kernels
-from ..layers.kernels import best_seconds, bf16_matmul_units, time_linear
+from ..layers.int8 import Int8Linear, kernels_for
+from ..layers.kernels import bf16_matmul_units, linear, onednn_packs, pack
 from .distributed import ParallelContext
 
 CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
@@ -22,32 +24,50 @@ AUTO = {"cpu": ("fp32", "bf16")}
 AUTO_ACCELERATOR = ("fp16", "bf16")
 # A dtype slower than another by more than this fraction gets a note (the timings jitter on a busy machine).
 NOTE_MARGIN = 0.15
+REPEATS = 5
 TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def linear_seconds(dtype: str, shape: Tuple[int, int], tokens: int, device: torch.device) -> float:
-    """One `tokens`-row call of a [out, in] linear (bias, GELU) in `dtype` with the kernel the loader picks."""
+def _runners(dtype: str, shape: Tuple[int, int], tokens: int, device: torch.device) -> List[Callable[[], object]]:
+    """One call each of a `tokens`-row [out, in] linear (bias, GELU) in `dtype` with every kernel the loader may
+    pick for it, synchronised on accelerators."""
     weight = torch.randn(*shape, device=device)
+    bias = torch.zeros(shape[0], device=device)
+    x = torch.randn(tokens, shape[1], device=device)
     if dtype == "int8":
-        kernels = kernels_for(device)
-        return min(time_kernels(weight, tokens, kernels, bias=True, gelu=True).values())
-    if device.type == "cpu":
-        return min(time_linear(tokens, weight.to(TORCH[dtype]), bias=True, gelu=True).values())
-    # accelerators: one kernel; synchronise around the timed call
-    x = torch.randn(tokens, shape[1], device=device, dtype=TORCH[dtype])
-    w = weight.to(TORCH[dtype])
+        layers = [Int8Linear(weight, kernel) for kernel in kernels_for(device)]
+        return [functools.partial(_synced, layer, x, bias) for layer in layers]
+    w, b, xd = weight.to(TORCH[dtype]), bias.to(TORCH[dtype]), x.to(TORCH[dtype])
+    weights = [w] + ([pack(w)] if device.type == "cpu" and onednn_packs(TORCH[dtype]) else [])
+    return [functools.partial(_synced, functools.partial(linear, weight=v, bias=b, gelu=True), xd) for v in weights]
 
-    def run() -> None:
-        torch.nn.functional.linear(x, w)
-        getattr(torch, device.type).synchronize(device)
 
-    return best_seconds(run)
+def _synced(call: Callable[..., torch.Tensor], *args: torch.Tensor) -> None:
+    out = call(*args)
+    if out.device.type != "cpu":
+        getattr(torch, out.device.type).synchronize(out.device)
+
+
+def linear_seconds(dtypes: Sequence[str], shape: Tuple[int, int], tokens: int, device: torch.device,
+                   repeats: int = REPEATS) -> Dict[str, float]:
+    """Per dtype, the fastest call of its fastest kernel; the dtypes' calls interleaved, so that a burst of load
+    on a busy machine falls on all of them alike."""
+    runners = {d: _runners(d, shape, tokens, device) for d in dtypes}
+    best = {d: float("inf") for d in dtypes}
+    for run in (r for rs in runners.values() for r in rs):
+        run()  # the first call may allocate or pack
+    for _ in range(repeats):
+        for d, rs in runners.items():
+            for run in rs:
+                start = time.perf_counter()
+                run()
+                best[d] = min(best[d], time.perf_counter() - start)
+    return best
 
 
 def measure(ctx: ParallelContext, dtypes: Tuple[str, ...], shape: Tuple[int, int], tokens: int) -> Dict[str, float]:
     """Seconds per dtype, measured on every rank at once (they share the machine as in a forward); rank 0's."""
-    times = {d: linear_seconds(d, shape, tokens, ctx.device) for d in dtypes}
-    return ctx.broadcast_object(times)
+    return ctx.broadcast_object(linear_seconds(dtypes, shape, tokens, ctx.device))
 
 
 def candidates(device: torch.device) -> Tuple[str, ...]:
