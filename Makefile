@@ -23,14 +23,20 @@ DTYPES ?= auto int8
 BENCH_ITERS ?= 3
 BENCH_ARGS ?=
 
-.PHONY: install test shard verify clean demo bench serve bench-serve
+# `make gpu-check`: the prepared GPU check on this machine's GPUs (launch/gpu_check.sh; README §GPU check), about
+# 8 minutes; WHEELS=dir installs what the machine lacks from a wheel folder, GPU_CHECK_ARGS more options
+# ("--device cpu --quick": the dry run on a CPU).
+WHEELS ?=
+GPU_CHECK_ARGS ?=
+
+.PHONY: install test shard verify clean demo bench serve bench-serve bench-ray-serve gpu-check
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[serve,test,bench,index]"
+	$(PY) -m pip install -q -e ".[serve,ray,test,bench,index]"
 	touch $@
 
 demo: install
@@ -44,6 +50,14 @@ serve: install
 BENCH_SERVE_ARGS ?=
 bench-serve: install
 	$(PY) -m engine.tools.bench_serve $(BENCH_SERVE_ARGS)
+
+# engine.ray_serve against engine.serve on the same shards: the per-request overhead of Ray Serve.
+BENCH_RAY_SERVE_ARGS ?=
+bench-ray-serve: install
+	$(PY) -m engine.tools.bench_ray_serve $(BENCH_RAY_SERVE_ARGS)
+
+gpu-check:
+	WHEELS="$(WHEELS)" launch/gpu_check.sh $(GPU_CHECK_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

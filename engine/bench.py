@@ -1,265 +1,16 @@
-"""`torchrun --nproc N -m engine.bench`: latency, throughput and scaling of the sharded model on synthetic inputs.
-
-Inputs have the model's shape (a VQA checkpoint: one question + one S×S image per
-sample; NLVR2: two images; retrieval: a text-only and an image-only pass) and
-realistic question lengths. Each iteration is the task's forward on the device,
-synchronised before and after, with all ranks started together; an iteration's
-latency is the slowest rank's. The peak is measured here too, on every rank at
-once, in the same dtype and threads: the best torch.mm rate over the GEMM shapes
-this forward itself runs, so that "fraction of peak" says how close the model
-comes to what the machine's GEMMs reach on its own work. Rank 0 prints a summary
-and writes the JSON.
-"""
+"""`torchrun --nproc N -m engine.bench`: latency, throughput and scaling of the sharded model on synthetic inputs
+(engine.tasks.benchmark says how it measures). Rank 0 prints a summary and writes the JSON."""
 from __future__ import annotations
 
-import platform
-import resource
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import click
-import torch
 
 from .atomic import write_json
-from .layers.kernels import bf16_matmul_units, gemm_peak_gflops, record_gemm_shapes
-from .models import ModelConfig, MultiwayModel, family_of
-from .models.tasks import HEAD_TASKS, TASKS
-from .runtime.distributed import ParallelContext
-from .layers.int8 import gemm_peak_gops
-from .runtime.loading import DTYPES, load_model
-from .runtime.shards import read_manifest
-from .tasks.cli import Engine, engine_options, one_line_errors, pick_task, start_engine, writable
-from .tasks.metrics import percentiles_ms
-
-QUESTION_TOKENS = (6, 17)  # VQAv2 questions are ~6-16 WordPiece tokens with [CLS] and [SEP]
-
-
-def forward_gflop(cfg: ModelConfig, task: str) -> float:
-    """Multiply-add FLOPs (×2) of one sample's forward: every matmul, attention over all T + n positions."""
-    D, F, P = cfg.embed_dim, cfg.ffn_dim, cfg.patch_size
-
-    def encoder(tokens: int) -> int:
-        per_layer = 2 * tokens * (4 * D * D + 2 * D * F) + 2 * 2 * tokens * tokens * D  # linears + qkᵀ, pv
-        return cfg.depth * per_layer
-
-    patches = 2 * (cfg.grid ** 2) * (3 * P * P) * D
-    joint = encoder(cfg.max_text_len + cfg.num_image_tokens) + patches + 2 * D * D  # + pooler
-    if task == "vqa":
-        total = joint + 2 * (D * 2 * D + 2 * D * cfg.vqa_labels)
-    elif task == "nlvr2":
-        total = 2 * joint + 2 * (2 * D * 2 * D + 2 * D * 2)
-    else:  # irtr: a text-only and an image-only pass, each with its projection
-        total = encoder(cfg.max_text_len) + encoder(cfg.num_image_tokens) + patches + 2 * 2 * D * D
-    return total / 1e9
-
-
-def synthetic_inputs(cfg: ModelConfig, task: str, batch: int, device: torch.device,
-                     seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Random questions of VQA length (padded to T) and random normalised images."""
-    gen = torch.Generator().manual_seed(seed)
-    T, S = cfg.max_text_len, cfg.image_size
-    lengths = torch.randint(QUESTION_TOKENS[0], min(QUESTION_TOKENS[1], T) + 1, (batch,), generator=gen)
-    masks = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    special = family_of(cfg).text_ids
-    ids = torch.randint(special.lowest, cfg.vocab_size, (batch, T), generator=gen)
-    ids = ids.masked_fill(masks == 0, special.pad)
-    ids[:, 0] = special.first
-    ids[torch.arange(batch), lengths - 1] = special.last
-    tensors = {"text_ids": ids, "text_masks": masks}
-    for name in TASKS[task].inputs:
-        if name.startswith("image"):
-            tensors[name] = torch.rand(batch, 3, S, S, generator=gen) * 2 - 1
-    return {k: v.to(device) for k, v in tensors.items()}
-
-
-def gemm_shapes(model: MultiwayModel, task: str, inputs: Dict[str, torch.Tensor]) -> List[Tuple[int, int, int]]:
-    """(M, K, N) of every linear-layer GEMM this rank runs in the task's forward, recorded from one forward."""
-    with record_gemm_shapes() as shapes:
-        TASKS[task].run(model, inputs)
-    return sorted(shapes)
-
-
-def peak_gflops(shapes: List[Tuple[int, int, int]], dtype: str, device: torch.device) -> float:
-    """The best torch.mm rate over the forward's own GEMM shapes (CPU); a square GEMM of that size elsewhere.
-    int8: the best W8A8 linear rate over those shapes (engine.layers.int8), on either device."""
-    if dtype == "int8":
-        return gemm_peak_gops(shapes, device)
-    dtype = DTYPES[dtype]
-    if device.type == "cpu":
-        return gemm_peak_gflops(shapes, dtype)
-    m, k, n = max(shapes, key=lambda s: s[0] * s[1] * s[2])
-    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
-    torch.mm(a, b)
-    getattr(torch, device.type).synchronize(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        torch.mm(a, b)
-    getattr(torch, device.type).synchronize(device)
-    return 10 * 2 * m * k * n / (time.perf_counter() - start) / 1e9
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cpu":
-        isa = cpu_isa(_cpu_flags())
-        # What the kernels use can be less than the CPU has (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): say both.
-        aten = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
-        onednn_bf16 = "yes" if bf16_matmul_units() else "no"
-        return (f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads/rank, {isa}; ATen {aten}, "
-                f"oneDNN bf16 {onednn_bf16})")
-    module = getattr(torch, device.type)
-    return f"{device.type}: {module.get_device_name(device)}"
-
-
-# The flags that decide which kernels pay: VNNI for int8, AVX512-BF16 and AMX for bf16.
-ISA_EXTRAS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_isa(flags: set) -> str:
-    """E.g. "avx512f+avx512_vnni+avx512_bf16": the widest vector ISA and the extensions int8 and bf16 use."""
-    base = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
-    return "+".join([base] + [f for f in ISA_EXTRAS if f in flags])
-
-
-def _cpuinfo_field(field: str) -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _cpu_model() -> str:
-    return _cpuinfo_field("model name") or platform.processor() or "unknown"
-
-
-def _cpu_flags() -> set:
-    return set(_cpuinfo_field("flags").split())
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _module_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _comm(ctx: ParallelContext, purpose: Optional[str] = None) -> Tuple[float, int]:
-    """All-reduce host seconds and calls so far: of one purpose, or of the forward's (all but idle pings)."""
-    purposes = [purpose] if purpose else [p for p in ctx.comm_calls if p != "ping"]
-    return (sum(ctx.comm_seconds.get(p, 0.0) for p in purposes), sum(ctx.comm_calls.get(p, 0) for p in purposes))
-
-
-def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], warmup: int,
-                 iters: int) -> Dict[str, Any]:
-    """Per-iteration latency (this rank) and the all-reduce time spent in the timed iterations."""
-    ctx, run = engine.ctx, TASKS[task].run
-    for _ in range(warmup):
-        run(engine.model, inputs)
-    seconds = []
-    (comm_before, calls_before), (subln_before, _) = _comm(ctx), _comm(ctx, "subln")
-    for _ in range(iters):
-        ctx.barrier()  # start together: the slowest rank is the latency
-        ctx.synchronize()
-        start = time.perf_counter()
-        run(engine.model, inputs)
-        ctx.synchronize()
-        seconds.append(time.perf_counter() - start)
-    (comm_after, calls_after), (subln_after, _) = _comm(ctx), _comm(ctx, "subln")
-    return {"seconds": seconds, "comm_s": comm_after - comm_before, "comm_calls": calls_after - calls_before,
-            "subln_s": subln_after - subln_before}
-
-
-def compare_fp32(shard_dir: Path, engine: Engine, task: str, inputs: Dict[str, torch.Tensor],
-                 got: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """How far this dtype's outputs are from an fp32 copy of the same shard on the same inputs."""
-    reference = load_model(shard_dir, engine.ctx, "fp32", engine.manifest)
-    want = TASKS[task].run(reference, inputs)
-    del reference
-    return output_agreement(got, want)
-
-
-def output_agreement(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """Per output: the max absolute difference and the min per-sample cosine; for logits, top-1 agreement."""
-    report: Dict[str, Any] = {
-        "max_abs_diff": {name: float((got[name].float() - want[name]).abs().max()) for name in want},
-        "min_cosine": {name: float(torch.nn.functional.cosine_similarity(
-            got[name].float().flatten(1), want[name].float().flatten(1), dim=-1).min()) for name in want},
-    }
-    logits = next((name for name in ("vqa_logits", "nlvr2_logits") if name in want), None)
-    if logits:
-        report["top1_agreement"] = float((got[logits].argmax(-1) == want[logits].argmax(-1)).float().mean())
-    return report
-
-
-def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-              batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool) -> Dict[str, Any]:
-    cfg = read_manifest(shard_dir).config
-    task = pick_task(cfg, task)
-    engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
-    ctx, model, dtype = engine.ctx, engine.model, engine.dtype
-    inputs = synthetic_inputs(cfg, task, batch_size, ctx.device)
-
-    timed = time_forward(engine, task, inputs, warmup, iters)
-    ctx.barrier()
-    shapes = gemm_shapes(model, task, inputs)
-    peak = peak_gflops(shapes, dtype, ctx.device)
-    accuracy = compare_fp32(shard_dir, engine, task, inputs, TASKS[task].run(model, inputs)) \
-        if check_fp32 and dtype != "fp32" else None
-    mine = {
-        "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"],
-        "subln_s": timed["subln_s"], "peak": peak,
-        "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes([*model.parameters(), *model.buffers()]),
-        "position_bias": _module_bytes(model.cached_position_biases()),
-        "linear_kernels": model.linear_kernels, "attention_kernel": model.attention_kernel,
-        "gemm_shapes": [list(shape) for shape in shapes],
-    }
-    ranks = ctx.gather_objects(mine)
-    if not ctx.is_main:
-        return {}
-    return summarise(ranks, ctx, cfg, task, dtype, batch_size, warmup, accuracy)
-
-
-def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfig, task: str, dtype: str,
-              batch_size: int, warmup: int, accuracy: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    per_iter = [max(r["seconds"][i] for r in ranks) for i in range(len(ranks[0]["seconds"]))]
-    latency = percentiles_ms(per_iter)
-    iters = len(per_iter)
-    samples_per_s = ctx.dp_size * batch_size / (latency["mean"] / 1e3)
-    gflop = forward_gflop(cfg, task)
-    peak = sum(r["peak"] for r in ranks)
-    report = {
-        "tp": ctx.tp_size, "world_size": ctx.world_size, "threads_per_rank": torch.get_num_threads(),
-        "batch_size": batch_size, "dtype": dtype, "task": task, "device": device_name(ctx.device),
-        "torch": torch.__version__, "warmup": warmup, "iters": iters,
-        "model": {"family": cfg.family, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
-                  "image_size": cfg.image_size, "tokens": cfg.max_text_len + cfg.num_image_tokens},
-        "latency_ms": latency,
-        "latency_ms_per_sample": latency["mean"] / batch_size,
-        "samples_per_s": samples_per_s,
-        "gflop_per_sample": gflop,
-        "achieved_gflop_per_s": gflop * samples_per_s,
-        "peak_gflop_per_s": peak,
-        "peak_gflop_per_s_per_rank": [r["peak"] for r in ranks],
-        "peak_gemm_shapes": ranks[0]["gemm_shapes"],
-        "linear_kernels_per_rank": [r["linear_kernels"] for r in ranks],
-        "attention_kernel_per_rank": [r["attention_kernel"] for r in ranks],
-        "fraction_of_peak": gflop * samples_per_s / peak,
-        "weights_bytes_per_rank": [r["weights"] for r in ranks],
-        "position_bias_bytes_per_rank": [r["position_bias"] for r in ranks],
-        "peak_rss_bytes_per_rank": [r["rss"] for r in ranks],
-        "load_s_per_rank": [r["load_s"] for r in ranks],
-        "allreduce_ms_per_forward": 1e3 * max(r["comm_s"] for r in ranks) / iters,
-        "allreduce_calls_per_forward": ranks[0]["comm_calls"] / iters,
-        # BEiT-3: the share of the all-reduce time spent on the Sub-LN statistics (0 for VLMo)
-        "subln_allreduce_ms_per_forward": 1e3 * max(r["subln_s"] for r in ranks) / iters,
-    }
-    if accuracy is not None:
-        report["vs_fp32"] = accuracy
-    return report
+from .models.tasks import HEAD_TASKS
+from .tasks.benchmark import run_bench
+from .tasks.cli import engine_options, one_line_errors, writable
 
 
 def summary_line(report: Dict[str, Any]) -> str:
@@ -270,7 +21,7 @@ def summary_line(report: Dict[str, Any]) -> str:
             f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%), "
             f"all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward"
             + (f" (Sub-LN statistics {report['subln_allreduce_ms_per_forward']:.1f})"
-               if report["subln_allreduce_ms_per_forward"] else "")
+               if report["subln_allreduce_ms_per_forward"] else "") + f"; {report['cuda_graphs']}"
             + (_agreement_text(report["vs_fp32"]) if "vs_fp32" in report else ""))
 
 
@@ -291,16 +42,20 @@ def _agreement_text(vs: Dict[str, Any]) -> str:
 @click.option("--check-fp32", is_flag=True,
               help="Also run an fp32 copy of the shard on the same inputs and report the output deviation, "
                    "the per-sample cosine and the top-1 agreement.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="Run the forward as a per-batch-bucket CUDA graph where the device has them (CUDA; NPU graph "
+                   "mode where torch_npu has it); elsewhere it runs eagerly and the report says why.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Write the report here (rank 0).")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-         batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool,
+         batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool, cuda_graphs: bool,
          json_path: Optional[Path]) -> None:
     """Time the sharded model's forward on synthetic inputs and report latency, throughput and efficiency."""
     if json_path:
         writable("--json", json_path)
-    report = run_bench(shard_dir, device, dtype, threads, timeout_s, batch_size, warmup, iters, task, check_fp32)
+    report = run_bench(shard_dir, device, dtype, threads, timeout_s, batch_size, warmup, iters, task, check_fp32,
+                       cuda_graphs)
     if report:
         click.echo(summary_line(report))
         if json_path:

@@ -23,9 +23,10 @@ Reply = Tuple[int, Dict[str, str], Any]
 class Server:
     """A running engine.serve; its stderr is collected line by line (`log`)."""
 
-    def __init__(self, nproc: int, args: Sequence[object], ready_s: float = 120) -> None:
-        args = [*map(str, args), "--port", "0", "--device", "cpu"]
-        cmd = _torchrun(nproc, "engine.serve", args) if nproc > 1 else [sys.executable, "-m", "engine.serve", *args]
+    def __init__(self, nproc: int, args: Sequence[object], ready_s: float = 120, module: str = "engine.serve",
+                 port: int = 0) -> None:
+        args = [*map(str, args), "--port", str(port), "--device", "cpu"]
+        cmd = _torchrun(nproc, module, args) if nproc > 1 else [sys.executable, "-m", module, *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True, text=True,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.log: List[str] = []

@@ -60,6 +60,9 @@ def test_bench_report_fields(reports: dict, tp: int) -> None:
     report = reports[tp]
     assert (report["tp"], report["threads_per_rank"], report["batch_size"], report["dtype"]) == (tp, 1, 3, "bf16")
     assert report["device"].startswith("cpu")
+    # no CUDA here: the forward ran eagerly, the report says why; no device memory to report on the CPU
+    assert report["cuda_graphs"] == "eager (CUDA graphs off: no CUDA here (the device is cpu))"
+    assert report["device_memory_per_rank"] == [None] * tp
     latency = report["latency_ms"]
     assert set(latency) >= {"mean", "p50", "p90", "p99", "min"}
     assert 0 < latency["min"] <= latency["p50"] <= latency["p99"]

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from _beit3 import BEIT3, TINY_HEADS
 from _paths import GOLDEN, REPO, needs
 from _run import forward_many, shard_here
-from engine.bench import run_bench, summary_line
+from engine.bench import summary_line
+from engine.tasks.benchmark import run_bench
 from engine.layers.int8 import Int8Linear
 from engine.layers.linear import parallel_linears
 from engine.layers.quantize import calibrate, quantize_model

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.bench import gemm_shapes
+from engine.tasks.benchmark import gemm_shapes
 from engine.models import build_model
 from engine.runtime.distributed import ParallelContext
 from engine.layers import kernels

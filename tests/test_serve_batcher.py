@@ -67,3 +67,34 @@ def test_the_queue_bound_abandoned_jobs_close_and_fail() -> None:
     assert sorted(tags(failing.fail("a rank died"))) == [1, 2] and failing.depth == 0
     with pytest.raises(Unavailable, match="a rank died"):
         failing.submit_all([job("vqa", 3)])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 17, 31, 33])
+def test_bucketed_batches_give_each_job_its_own_row_and_no_padding_row(n: int) -> None:
+    from engine.runtime.graphs import DEFAULT_BUCKETS
+    from engine.serving.metrics import ServerMetrics
+    from engine.serving.runner import Runner
+
+    class Channel:  # the group, as the runner sees it: each output row tags its input row
+        sizes = []
+
+        def step(self, op, kind, batch):
+            self.sizes.append(batch["text_ids"].shape[0])
+            return batch["text_ids"][:, :1].float() * 10 + batch["text_masks"][:, :1]
+
+    def vqa_job(tag: int) -> Job:
+        inputs = {"text_ids": torch.tensor([tag, 0]), "text_masks": torch.tensor([1, 0]), "image": torch.zeros(3)}
+        return Job("vqa", inputs, LOOP, LOOP.create_future())
+
+    batcher = Batcher(max_batch_size=40, max_wait_s=0, max_queue=64, buckets=DEFAULT_BUCKETS)
+    runner = Runner(batcher, ServerMetrics(), timeout_s=60, on_fatal=lambda reason: None)
+    runner.channel = Channel()
+    jobs = [vqa_job(100 + i) for i in range(n)]
+    batcher.submit_all(jobs)
+    runner._run(batcher.next_batch(idle_s=0))
+    results = LOOP.run_until_complete(asyncio.gather(*(j.future for j in jobs)))
+    padded = n if n > 32 else min(b for b in DEFAULT_BUCKETS if b >= n)
+    assert Channel.sizes == [padded] and batcher.padded_size(n) == padded
+    assert [float(r.output) for r in results] == [10 * (100 + i) + 1 for i in range(n)]
+    assert all(r.batch_size == n for r in results)
+    assert Batcher(max_batch_size=40, max_wait_s=0, max_queue=1).padded_size(n) == n  # graphs off: no padding

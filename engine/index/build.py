@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from ..atomic import write_atomic, write_json, write_safetensors
 from ..data.arrow_io import read_table
 from ..data.image import ImageDecodeError, decode_image, square_transform
+from ..models.tasks import IMAGE_EMBEDDING, TASKS
 from ..tasks.cli import Engine, UsageError
 from ..tasks.evaluation import Record, evaluate
 from ..tasks.frontend import per_sample_step
@@ -251,7 +252,7 @@ def run_build(engine: Engine, source: Source, out: Path, folder: Path, *, kind: 
         indexed = set(existing.items.column("sha256").to_pylist()) if existing else set()
         plan = _plan(entries, hashes, indexed | {r["sha256"] for r in done})
     plan = ctx.broadcast_object(plan)
-    step = per_sample_step(lambda t: engine.model.image_features(t["image"].to(ctx.device)), ("path",),
+    step = per_sample_step(lambda t: TASKS[IMAGE_EMBEDDING].first_output(engine.model, t, ctx.device), ("path",),
                            lambda batch, i: asdict(plan[batch["item"][i]]),
                            lambda batch, i, row: {"embedding": row.numpy()})
     stats = evaluate(ctx, EmbedDataset(source, plan, engine.manifest.config.image_size), range(len(plan)), step,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 import numpy as np
@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.image import ImageDecodeError, decode_image, square_transform
+from ..models.tasks import IMAGE_EMBEDDING, TASKS, TEXT_EMBEDDING
 from ..tasks.cli import Engine, UsageError
 from ..tasks.evaluation import Record, evaluate
 from ..tasks.frontend import per_sample_step
@@ -22,27 +23,24 @@ from ..tasks.tokenizers import Tokenizer
 from .store import Store
 
 
-class TextQueries(Dataset):
-    def __init__(self, texts: Sequence[str], tokenizer: Tokenizer) -> None:
-        self.texts, self.tokenizer = texts, tokenizer
+class Queries(Dataset):
+    """Queries as a dataset: item i is the `encode`d query i, with its position."""
+
+    def __init__(self, queries: Sequence[Any], encode: Callable[[Any], Dict[str, torch.Tensor]]) -> None:
+        self.queries, self.encode = queries, encode
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.queries)
 
     def __getitem__(self, i: int) -> dict:
-        encoded = self.tokenizer([self.texts[i]])
-        return {"query": i, "text_ids": encoded["text_ids"][0], "text_masks": encoded["text_masks"][0]}
+        return {"query": i, **self.encode(self.queries[i])}
 
 
-class ImageQueries(Dataset):
-    def __init__(self, images: Sequence[bytes], image_size: int) -> None:
-        self.images, self.image_size = images, image_size
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"query": i, "image": query_image(self.images[i], self.image_size)}
+def _text(tokenizer: Tokenizer) -> Callable[[str], Dict[str, torch.Tensor]]:
+    def encode(text: str) -> Dict[str, torch.Tensor]:
+        encoded = tokenizer([text])
+        return {"text_ids": encoded["text_ids"][0], "text_masks": encoded["text_masks"][0]}
+    return encode
 
 
 def query_image(data: bytes, image_size: int) -> torch.Tensor:
@@ -83,19 +81,16 @@ def read_query_texts(texts: Sequence[str], queries_file: Optional[Path]) -> List
 def embed_queries(engine: Engine, texts: Sequence[str], images: Sequence[bytes], tokenizer: Tokenizer,
                   batch_size: int) -> Optional[np.ndarray]:
     """Rank 0: the L2-normalised embeddings [Q, D] of the texts, then the images; None on the other ranks."""
-    ctx, model = engine.ctx, engine.model
-    passes = (
-        (TextQueries(texts, tokenizer), lambda t: model.text_features(t["text_ids"].to(ctx.device),
-                                                                        t["text_masks"].to(ctx.device))),
-        (ImageQueries(images, engine.manifest.config.image_size), lambda t: model.image_features(
-            t["image"].to(ctx.device))),
-    )
+    ctx, size = engine.ctx, engine.manifest.config.image_size
+    passes = ((Queries(texts, _text(tokenizer)), TASKS[TEXT_EMBEDDING]),
+              (Queries(images, lambda data: {"image": query_image(data, size)}), TASKS[IMAGE_EMBEDDING]))
     rows: List[np.ndarray] = []
-    for dataset, run in passes:
+    for dataset, task in passes:
         if not len(dataset):
             continue
         received: List[Record] = []
-        step = per_sample_step(run, ("query",), lambda batch, i: {"query": batch["query"][i]},
+        step = per_sample_step(lambda t, task=task: task.first_output(engine.model, t, ctx.device), ("query",),
+                               lambda batch, i: {"query": batch["query"][i]},
                                lambda batch, i, row: {"embedding": row.numpy()})
         evaluate(ctx, dataset, range(len(dataset)), step, batch_size=batch_size, num_workers=0,
                  on_records=received.extend, label="queries", unit="queries")

@@ -18,9 +18,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ..models import ModelConfig
+from .asgi import RETRY_AFTER, error_response
 from .batcher import Batcher, Job, QueueFull, Result, Unavailable
 from .metrics import ServerMetrics
-from .middleware import RETRY_AFTER, BodyLimit, Counted, error_response
+from .middleware import BodyLimit, Counted
 from .page import page_html
 from .payloads import (Prepared, Preprocessor, chat_response, embeddings_response, nlvr2_response, required,
                        top_k_of, vqa_response)
@@ -51,6 +52,8 @@ class ServerState:
     max_body_bytes: int
     created: int
     search: Optional[SearchIndex] = None  # engine.serve --index
+    # More of /health's body, asked in the thread pool (engine.ray_serve: this replica and the running ones).
+    fleet: Optional[Callable[[], Dict[str, Any]]] = None
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -112,7 +115,7 @@ def build_app(state: ServerState) -> FastAPI:
             return error_response(503, state.runner.failure)
         if not state.runner.ready:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": RETRY_AFTER})
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", **(await offload(state.fleet) if state.fleet else {})})
 
     @app.get("/v1/models")
     async def models() -> Dict[str, Any]:

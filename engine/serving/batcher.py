@@ -5,6 +5,9 @@ has waited --max-wait-ms. The queue is bounded (--max-queue jobs waiting): a ful
 that the client can retry elsewhere, instead of letting latency grow without limit. Jobs whose request gave
 up (timed out) before their batch started are dropped; a job already in a batch always finishes with it, so
 a client that goes away never changes what the others in its batch get.
+
+With device graphs on (engine.runtime.graphs) a batch is rounded up to its bucket: `padded_size` says how many
+rows it runs as; the runner pads with copies of the first job's inputs and gives each job its own row only.
 """
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Sequence
 
 import torch
+
+from ..runtime.graphs import bucket_for
 
 
 class QueueFull(Exception):
@@ -57,8 +62,10 @@ class Result:
 
 
 class Batcher:
-    def __init__(self, max_batch_size: int, max_wait_s: float, max_queue: int) -> None:
+    def __init__(self, max_batch_size: int, max_wait_s: float, max_queue: int,
+                 buckets: Sequence[int] = ()) -> None:
         self.max_batch_size = max_batch_size
+        self.buckets = tuple(sorted(buckets))
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._queues: "OrderedDict[str, Deque[Job]]" = OrderedDict()
@@ -73,6 +80,10 @@ class Batcher:
     @property
     def depth(self) -> int:
         return sum(len(q) for q in self._queues.values())
+
+    def padded_size(self, n: int) -> int:
+        """The rows a batch of n jobs runs as: its bucket when there are buckets (graphs on), else n."""
+        return (bucket_for(n, self.buckets) or n) if self.buckets else n
 
     def submit_all(self, jobs: List[Job]) -> None:
         """Queue a request's jobs, all or none."""

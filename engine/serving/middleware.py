@@ -1,39 +1,15 @@
-"""ASGI middleware of the server: the request-body bound and the request metrics; the error body."""
+"""ASGI middleware of the server: the request-body bound and the request metrics."""
 from __future__ import annotations
 
 import time
 from typing import Any, Callable, Dict, Sequence
 
-from fastapi.responses import JSONResponse
-
+from .asgi import HttpOnly, error_response
 from .metrics import ServerMetrics
 from .preprocess import RequestError
 
-RETRY_AFTER = "1"  # seconds, on every 503
 
-
-def error_response(status: int, message: str) -> JSONResponse:
-    """Every refusal's body: {"error": "..."}; a 503 also says when to retry."""
-    headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class _HttpOnly:
-    """Pass everything but HTTP requests straight through; subclasses handle the HTTP ones in `http`."""
-
-    def __init__(self, app: Callable) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        return await self.http(scope, receive, send)
-
-    async def http(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
-        raise NotImplementedError
-
-
-class BodyLimit(_HttpOnly):
+class BodyLimit(HttpOnly):
     """413 for a body over --max-body-bytes: from Content-Length up front, or while a chunked body streams in."""
 
     def __init__(self, app: Callable, limit: int) -> None:
@@ -58,7 +34,7 @@ class BodyLimit(_HttpOnly):
         await self.app(scope, bounded, send)
 
 
-class Counted(_HttpOnly):
+class Counted(HttpOnly):
     """Requests by endpoint and status, and their latency (paths other than `endpoints` count as "other"; an
     endpoint with a {parameter} stands for every value of its last segment)."""
 

@@ -3,24 +3,38 @@ from __future__ import annotations
 
 import html
 
-_PAGE = """<!doctype html>
+# The base every page of the server shares; each page adds its title, style and body.
+_DOCUMENT = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<title>VLMo — __MODEL__</title>
+<title>__TITLE__</title>
 <style>
- body { font: 15px/1.4 system-ui, sans-serif; max-width: 44rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+ body { font: 15px/1.4 system-ui, sans-serif; margin: 2rem auto; padding: 0 1rem; color: #222; }
+ .error { color: #b00020; } #latency { color: #555; margin-top: .5rem; }
+__STYLE__</style>
+</head>
+<body>
+__BODY__</body>
+</html>
+"""
+
+
+def document(title: str, style: str, body: str) -> str:
+    """A whole page from its title, its own style rules and its body (placeholders are the caller's to fill)."""
+    return _DOCUMENT.replace("__TITLE__", title).replace("__STYLE__", style).replace("__BODY__", body)
+
+
+_TITLE = "Ask — __MODEL__"
+_STYLE = """ body { max-width: 44rem; }
  form { display: grid; gap: .6rem; }
  input[type=text] { padding: .4rem; font-size: 1rem; }
  button { padding: .45rem 1.2rem; font-size: 1rem; width: max-content; }
  #preview { max-width: 16rem; max-height: 16rem; display: none; margin-top: .5rem; }
  .row { display: grid; grid-template-columns: 9rem 1fr 4rem; gap: .5rem; align-items: center; margin: .25rem 0; }
  .bar { background: #e6e6e6; height: 1rem; } .fill { background: #3b7dd8; height: 100%; }
- .error { color: #b00020; } #latency { color: #555; margin-top: .5rem; }
-</style>
-</head>
-<body>
-<h1>Ask VLMo</h1>
+"""
+_BODY = """<h1>Ask the model</h1>
 <p>Model <code>__MODEL__</code>. __NOTE__</p>
 <form id="ask">
  <input type="file" id="image" name="image" accept="image/*" required>
@@ -68,13 +82,12 @@ form.addEventListener("submit", async (event) => {
   }
 });
 </script>
-</body>
-</html>
 """
+
 
 
 def page_html(model_id: str, has_vqa: bool, has_search: bool = False) -> str:
     note = ("Choose an image and type a question: the five most likely answers appear with their probabilities."
             if has_vqa else "This checkpoint has no VQA head: use the API endpoints listed by /v1/models.")
     link = ' <a href="/search">Search the indexed images.</a>' if has_search else ""
-    return _PAGE.replace("__MODEL__", html.escape(model_id)).replace("__NOTE__", html.escape(note) + link)
+    return document(_TITLE, _STYLE, _BODY).replace("__MODEL__", html.escape(model_id)).replace("__NOTE__", html.escape(note) + link)

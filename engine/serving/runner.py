@@ -11,14 +11,17 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from ..runtime.graphs import pad_rows
 from .batcher import Batcher, Job, Result, Unavailable
 from .group import PING, RUN, STOP, GroupChannel
 from .metrics import ServerMetrics
 from ..models.tasks import TASKS
 
 
-def collate(jobs: List[Job]) -> dict:
-    return {name: torch.stack([job.inputs[name] for job in jobs]) for name in TASKS[jobs[0].kind].inputs}
+def collate(jobs: List[Job], rows: int = 0) -> dict:
+    """The jobs' inputs stacked, padded to `rows` with copies of the first job's (real inputs: finite outputs)."""
+    return {name: pad_rows(torch.stack([job.inputs[name] for job in jobs]), rows)
+            for name in TASKS[jobs[0].kind].inputs}
 
 
 class Runner:
@@ -61,7 +64,8 @@ class Runner:
         with self._lock:
             self._step_began, self._in_batch = time.monotonic(), jobs or []
         try:
-            return self.channel.step(op, jobs[0].kind if jobs else None, collate(jobs) if jobs else None)
+            batch = collate(jobs, self.batcher.padded_size(len(jobs))) if jobs else None
+            return self.channel.step(op, jobs[0].kind if jobs else None, batch)
         finally:
             with self._lock:
                 self._step_began, self._in_batch = None, []
@@ -72,7 +76,10 @@ class Runner:
         forward_ms = 1e3 * (time.perf_counter() - began)
         self.metrics.batch_size.observe(len(jobs))
         self.metrics.forward_seconds.labels(jobs[0].kind).observe(forward_ms / 1e3)
-        for job, row in zip(jobs, outputs):
+        if outputs.shape[0] != self.batcher.padded_size(len(jobs)):  # never hand a job someone else's row
+            raise RuntimeError(f"the model gave {outputs.shape[0]} rows for a batch of {len(jobs)} jobs")
+        # the first len(jobs) rows are the jobs', in order; the rest are padding and go nowhere
+        for job, row in zip(jobs, outputs[:len(jobs)]):
             job.resolve(Result(output=row, batch_size=len(jobs), forward_ms=forward_ms))
 
     def watch(self) -> None:

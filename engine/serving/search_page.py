@@ -3,24 +3,18 @@ from __future__ import annotations
 
 import html
 
-_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>Search — __MODEL__</title>
-<style>
- body { font: 15px/1.4 system-ui, sans-serif; max-width: 64rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+from .page import document
+
+_TITLE = "Search — __MODEL__"
+_STYLE = """ body { max-width: 64rem; }
  form { display: flex; flex-wrap: wrap; gap: .6rem; align-items: center; }
  #query { flex: 1 1 20rem; padding: .4rem; font-size: 1rem; }
  button { padding: .45rem 1.2rem; font-size: 1rem; }
  #results { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: 1rem; margin-top: 1rem; }
  figure { margin: 0; } figure img { width: 100%; height: 12rem; object-fit: cover; background: #eee; }
  figcaption { font-size: .8rem; word-break: break-all; } .score { font-weight: 600; margin-right: .4rem; }
- .error { color: #b00020; } #latency { color: #555; margin-top: .5rem; }
-</style>
-</head>
-<body>
-<h1>Search the images</h1>
+"""
+_BODY = """<h1>Search the images</h1>
 <p>Model <code>__MODEL__</code>, __COUNT__ images. Type what you are looking for, or choose an image to find
 similar ones.</p>
 <form id="search">
@@ -76,10 +70,9 @@ form.addEventListener("submit", async (event) => {
   }
 });
 </script>
-</body>
-</html>
 """
 
 
+
 def search_page_html(model_id: str, images: int) -> str:
-    return _PAGE.replace("__MODEL__", html.escape(model_id)).replace("__COUNT__", str(images))
+    return document(_TITLE, _STYLE, _BODY).replace("__MODEL__", html.escape(model_id)).replace("__COUNT__", str(images))

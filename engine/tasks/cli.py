@@ -24,6 +24,7 @@ from ..layers.int8 import kernels_for
 from ..runtime.dtypes import CHOICES, announce, choose
 from ..runtime.launch import exit_process, this_launch
 from ..runtime.loading import default_dtype, load_model
+from ..runtime.memory import DeviceMemoryError
 from ..runtime.shards import Manifest, read_manifest
 
 
@@ -144,7 +145,7 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with torch.inference_mode():
                 result = main(*args, **kwargs)
-        except (ShardingError, LaunchError, UsageError, DataError, ModelOutputError) as exc:
+        except (ShardingError, LaunchError, UsageError, DataError, ModelOutputError, DeviceMemoryError) as exc:
             # No orderly shutdown: peers may be inside a collective; torchrun stops them on our exit.
             leave(f"error: {exc}", failed=True)
         except PeerFailure as exc:

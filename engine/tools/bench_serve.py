@@ -18,31 +18,41 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 
 from ..serving.client import Client, request_body, run_load, samples_from_arrow, summary_line
 from .demo_pipeline import prepare_assets
 from ..atomic import atomic_path, write_json
+from ..options import option_group
 from .bench_study import _free_port, run_bench
 
 TP = 2
 
 
+def server_args(shards: Path, answers: Path, dtype: str, threads: int, port: int, device: str = "cpu") -> List[str]:
+    """The options engine.serve and engine.ray_serve are benchmarked with."""
+    return ["--shards", str(shards), "--answers", str(answers), "--device", device, "--dtype", dtype, "--threads",
+            str(threads), "--port", str(port),
+            "--request-timeout", "3600"]  # a saturated queue of full-size requests waits minutes
+
+
 class ServerProcess:
     """`torchrun -m engine.serve` in its own session; stopped as a user stops it, with SIGTERM to rank 0."""
 
-    def __init__(self, shards: Path, answers: Path, dtype: str, threads: int, extra: Sequence[str]) -> None:
+    def __init__(self, shards: Path, answers: Path, dtype: str, threads: int, extra: Sequence[str],
+                 device: str = "cpu", tp: int = TP, up_within_s: float = 600, log=None) -> None:
         self.port = _free_port()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(TP), "--master-port",
-               str(_free_port()), "-m", "engine.serve", "--shards", str(shards), "--answers", str(answers),
-               "--device", "cpu", "--dtype", dtype, "--threads", str(threads), "--port", str(self.port),
-               "--request-timeout", "3600", *extra]  # a saturated queue of full-size requests waits minutes
+        self._start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "--master-port",
+                     str(_free_port()), "-m", "engine.serve",
+                     *server_args(shards, answers, dtype, threads, self.port, device), *extra], up_within_s, log)
+
+    def _start(self, cmd: List[str], up_within_s: float = 600, log=None) -> None:
         click.echo("$ " + " ".join(cmd), err=True)
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, start_new_session=True, stderr=log)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + up_within_s
         while not self._healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise click.ClickException(f"the server did not come up (exit status {self.proc.poll()})")
@@ -118,14 +128,22 @@ def figure(dynamic: List[Dict[str, Any]], saturated: Dict[str, Dict[str, Any]], 
     return path
 
 
+def asset_options(out: str, model: str, model_help: str, dtype: str) -> Callable:
+    """--out, --workdir, --model, --dtype of the serving benchmarks, with their defaults."""
+    return option_group([
+        click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path(out), show_default=True),
+        click.option("--workdir", type=click.Path(path_type=Path), default=Path(".cache/demo"), show_default=True,
+                     help="Where the demo's assets are built (shared with make demo / make serve)."),
+        click.option("--model", type=click.Choice(["base", "tiny"]), default=model, show_default=True,
+                     help=model_help),
+        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default=dtype, show_default=True,
+                     help="auto: the faster of fp32 and bf16 on this CPU, measured at load."),
+    ])
+
+
 @click.command()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench/serve"), show_default=True)
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".cache/demo"), show_default=True,
-              help="Where the demo's assets are built (shared with make demo / make serve).")
-@click.option("--model", type=click.Choice(["base", "tiny"]), default="base", show_default=True,
-              help="tiny: the demo's 64-wide model, to check the benchmark itself in seconds.")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
-              help="auto: the faster of fp32 and bf16 on this CPU, measured at load.")
+@asset_options("bench/serve", "base", "tiny: the demo's 64-wide model, to check the benchmark itself in seconds.",
+               "auto")
 @click.option("--threads", type=int, default=None, help="CPU threads per rank [default: cores / 2].")
 @click.option("--single", "n_single", type=int, default=8, show_default=True,
               help="Requests of the single-stream run (one at a time).")

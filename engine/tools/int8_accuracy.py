@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..atomic import write_json
-from ..bench import output_agreement, synthetic_inputs
+from ..tasks.benchmark import output_agreement, synthetic_inputs
 from ..layers.quantize import calibrate, quantize_model, unpack_linears
 from ..models.tasks import TASKS, VQA
 from ..runtime.distributed import ParallelContext, init_parallel
