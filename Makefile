@@ -15,11 +15,11 @@ OUT ?= shards
 DEMO_ARGS ?=
 
 # `make bench`: the scaling study (python -m engine.tools.bench_study, about 7 min here); shorter, e.g.
-# make bench BATCHES="1 4" DTYPES=fp32. BENCH_ARGS: more options, e.g. "--repeats 2" (keep the fastest of two
+# make bench BATCHES="1 4" DTYPES=fp32. auto: the faster of fp32 and bf16 on this CPU (measured at load). BENCH_ARGS: more options, e.g. "--repeats 2" (keep the fastest of two
 # runs: for a shared machine) or "--reference-threads 2" (also tp 1 on both cores).
 TPS ?= 1 2
 BATCHES ?= 1 4 8
-DTYPES ?= fp32 bf16
+DTYPES ?= auto int8
 BENCH_ITERS ?= 3
 BENCH_ARGS ?=
 

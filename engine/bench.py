@@ -21,7 +21,14 @@ def summary_line(report: Dict[str, Any]) -> str:
             f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%), "
             f"all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward"
             + (f" (Sub-LN statistics {report['subln_allreduce_ms_per_forward']:.1f})"
-               if report["subln_allreduce_ms_per_forward"] else "") + f"; {report['cuda_graphs']}")
+               if report["subln_allreduce_ms_per_forward"] else "") + f"; {report['cuda_graphs']}"
+            + (_agreement_text(report["vs_fp32"]) if "vs_fp32" in report else ""))
+
+
+def _agreement_text(vs: Dict[str, Any]) -> str:
+    top1 = f"top-1 {100 * vs['top1_agreement']:.0f}%, " if "top1_agreement" in vs else ""
+    return (f"; vs fp32: {top1}min cosine {min(vs['min_cosine'].values()):.5f}, "
+            f"max |diff| {max(vs['max_abs_diff'].values()):.3g}")
 
 
 @click.command()
@@ -33,7 +40,8 @@ def summary_line(report: Dict[str, Any]) -> str:
 @click.option("--task", type=click.Choice(HEAD_TASKS), default=None,
               help="Task forward to time [default: the checkpoint's only head].")
 @click.option("--check-fp32", is_flag=True,
-              help="Also run an fp32 copy of the shard on the same inputs and report the output deviation.")
+              help="Also run an fp32 copy of the shard on the same inputs and report the output deviation, "
+                   "the per-sample cosine and the top-1 agreement.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="Run the forward as a per-batch-bucket CUDA graph where the device has them (CUDA; NPU graph "
                    "mode where torch_npu has it); elsewhere it runs eagerly and the report says why.")

@@ -39,6 +39,7 @@ OUTPUTS = [
     ("engine.tools.bench_study", ["--out", "{out}"], "--out", True),
     ("engine.tools.bench_study", ["--cache", "{out}"], "--cache", True),
     ("engine.data.__main__", ["vqav2", "--root", GOLDEN, "--out", "{out}"], "--out", True),
+    ("engine.tools.int8_accuracy", ["--shards", "{missing}", "--json", "{out}"], "--json", False),
     ("engine.index.__main__", ["build", "--shards", "{missing}", "--images", "{missing}", "--out", "{out}"], "--out",
      True),
 ]

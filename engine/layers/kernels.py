@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Callable, Dict, Iterable, Iterator, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,15 @@ def record_gemm_shapes() -> Iterator[Set[Tuple[int, int, int]]]:
         _recorded = None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, gelu: bool = False) -> torch.Tensor:
-    """x Wᵀ + b, then exact GELU if asked: one fused oneDNN call for a packed weight, else F.linear."""
+def linear(x: torch.Tensor, weight: Union[torch.Tensor, torch.nn.Module], bias: torch.Tensor = None,
+           gelu: bool = False) -> torch.Tensor:
+    """x Wᵀ + b, then exact GELU if asked: one fused oneDNN call for a packed weight, else F.linear.
+
+    A weight that is a module (engine.layers.int8.Int8Linear) computes the whole step itself."""
     if _recorded is not None:
         _recorded.add((x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]))
+    if isinstance(weight, torch.nn.Module):
+        return weight(x, bias, gelu)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")

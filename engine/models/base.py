@@ -19,7 +19,7 @@ from torch import nn
 from ..data.spm import SentencePieceTokenizer
 from ..data.text import TextTokenizer
 from ..layers.attention import AttentionOptions
-from ..layers.linear import parallel_linears
+from ..layers.linear import ParallelLinear, parallel_linears
 from ..runtime.distributed import ParallelContext
 
 Tokenizer = Union[TextTokenizer, SentencePieceTokenizer]
@@ -78,7 +78,8 @@ class MultiwayModel(nn.Module, metaclass=abc.ABCMeta):
     """One tensor-parallel rank's part of a model; what the task table (engine.models.tasks) calls.
 
     `text_masks` is 1 on real tokens for every family. The statistics it owns: `linear_kernels` (the CPU kernel
-    chosen per linear shape, set at load) and, through its group, the all-reduce time per purpose.
+    chosen per linear shape, set at load), `attention_kernel` (the CPU attention kernel, set at load) and,
+    through its group, the all-reduce time per purpose.
     """
 
     def __init__(self, cfg: ModelConfigBase, ctx: ParallelContext) -> None:
@@ -87,6 +88,7 @@ class MultiwayModel(nn.Module, metaclass=abc.ABCMeta):
         self.ctx = ctx
         self.attention_options = AttentionOptions()  # shared by every attention layer; set by the loader
         self.linear_kernels: Dict[str, str] = {}
+        self.attention_kernel: Optional[str] = None
 
     @abc.abstractmethod
     def vqa(self, text_ids: torch.Tensor, text_masks: torch.Tensor,
@@ -108,6 +110,11 @@ class MultiwayModel(nn.Module, metaclass=abc.ABCMeta):
 
     def compute_dtype_modules(self) -> List[nn.Module]:
         """Modules besides the parallel linears whose matmuls run in the compute dtype (patch embeddings...)."""
+        return []
+
+    def smoothing_groups(self) -> List[Tuple[nn.Module, List[ParallelLinear]]]:
+        """Each LayerNorm whose output only parallel linears read, with those linears: where int8 smoothing
+        can fold its per-channel factors exactly (engine.layers.smoothing)."""
         return []
 
     def set_compute_dtype(self, dtype: torch.dtype) -> "MultiwayModel":

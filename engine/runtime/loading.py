@@ -1,6 +1,7 @@
 """Build this rank's model from its own shard file: read, check, convert, assign — correct by construction."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -8,6 +9,9 @@ from typing import Dict, Optional
 import torch
 
 from ..layers.attention import key_masking_for
+from ..layers.attention_choice import PER_HEAD, SDPA, choose_attention
+from ..layers.int8 import kernels_for
+from ..layers.quantize import quantize_model
 from ..layers.checkpoint import convert_checkpoint
 from ..layers.kernels import bf16_matmul_units
 from ..layers.linear import pack_where_faster
@@ -16,6 +20,8 @@ from .distributed import ParallelContext
 from .shards import Manifest, load_rank_shard, read_manifest
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# int8 quantises the parallel linears of an fp32 model (engine.layers.quantize); the rest computes in fp32
+INT8 = "int8"
 
 
 def default_dtype(device: torch.device) -> str:
@@ -26,7 +32,7 @@ def default_dtype(device: torch.device) -> str:
 def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Optional[Manifest] = None,
                key_masking: Optional[str] = None) -> MultiwayModel:
     """This rank's model (the family the manifest says), weights checked against the manifest and converted
-    into what the model computes with, in `dtype` on ctx.device, ready for inference.
+    into what the model computes with, in `dtype` (or int8: W8A8 linears) on ctx.device, ready for inference.
 
     key_masking: how attention leaves padded keys out (engine.layers.attention) [default: the device's choice].
     """
@@ -38,10 +44,18 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
     del published  # the conversion's outputs are the model's from here on
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors  # the model holds them now: casting and packing below can free each original as they go
-    model = model.to(device=ctx.device).set_compute_dtype(DTYPES[dtype]).eval()
+    compute = torch.float32 if dtype == INT8 else DTYPES[dtype]
+    model = model.to(device=ctx.device).set_compute_dtype(compute).eval()
     model.attention_options.key_masking = key_masking or key_masking_for(ctx.device)
-    if ctx.device.type == "cpu":
-        use_cpu_kernels(model, DTYPES[dtype], announce=ctx.is_main)
+    if dtype == INT8:
+        kernels_for(ctx.device)  # a one-line refusal where there is no int8 kernel
+        # VLMO_INT8_SMOOTHING=0: no smoothing (to measure what it does)
+        smoothing = os.environ.get("VLMO_INT8_SMOOTHING", "1") != "0"
+        model.linear_kernels = quantize_model(model, model.cfg.max_text_len + model.cfg.num_image_tokens, smoothing)
+    elif ctx.device.type == "cpu":
+        use_cpu_kernels(model, compute, announce=ctx.is_main)
+    if ctx.device.type == "cpu" and compute == torch.float32:  # fp32 and int8 attend in fp32
+        model.attention_kernel = choose_attention(model)
     return model
 
 
@@ -53,6 +67,7 @@ def use_cpu_kernels(model: MultiwayModel, dtype: torch.dtype, announce: bool = F
     if dtype == torch.bfloat16:
         units = bf16_matmul_units()
         model.attention_options.per_head_bmm = units
+        model.attention_kernel = PER_HEAD if units else SDPA
         if not units and announce:
             print("note: oneDNN has no bf16 matmul on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; "
                   "AVX512-BF16 or AMX to be fast): bf16 runs on torch's generic kernels, slower than fp32",

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..layers.int8 import gemm_peak_gops
 from ..layers.kernels import bf16_matmul_units, gemm_peak_gflops, record_gemm_shapes
 from ..models import ModelConfig, MultiwayModel, family_of
 from ..models.tasks import TASKS
@@ -83,8 +84,12 @@ def gemm_shapes(model: MultiwayModel, task: str, inputs: Dict[str, torch.Tensor]
     return sorted(shapes)
 
 
-def peak_gflops(shapes: List[Tuple[int, int, int]], dtype: torch.dtype, device: torch.device) -> float:
-    """The best torch.mm rate over the forward's own GEMM shapes (CPU); a square GEMM of that size elsewhere."""
+def peak_gflops(shapes: List[Tuple[int, int, int]], dtype: str, device: torch.device) -> float:
+    """The best torch.mm rate over the forward's own GEMM shapes (CPU); a square GEMM of that size elsewhere.
+    int8: the best W8A8 linear rate over those shapes (engine.layers.int8), on either device."""
+    if dtype == "int8":
+        return gemm_peak_gops(shapes, device)
+    dtype = DTYPES[dtype]
     if device.type == "cpu":
         return gemm_peak_gflops(shapes, dtype)
     m, k, n = max(shapes, key=lambda s: s[0] * s[1] * s[2])
@@ -100,9 +105,7 @@ def peak_gflops(shapes: List[Tuple[int, int, int]], dtype: torch.dtype, device: 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cpu":
-        flags = _cpu_flags()
-        isa = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else "avx2" if \
-            "avx2" in flags else platform.machine()
+        isa = cpu_isa(_cpu_flags())
         # What the kernels use can be less than the CPU has (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): say both.
         aten = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
         onednn_bf16 = "yes" if bf16_matmul_units() else "no"
@@ -110,6 +113,16 @@ def device_name(device: torch.device) -> str:
                 f"oneDNN bf16 {onednn_bf16})")
     module = getattr(torch, device.type)
     return f"{device.type}: {module.get_device_name(device)}"
+
+
+# The flags that decide which kernels pay: VNNI for int8, AVX512-BF16 and AMX for bf16.
+ISA_EXTRAS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_isa(flags: set) -> str:
+    """E.g. "avx512f+avx512_vnni+avx512_bf16": the widest vector ISA and the extensions int8 and bf16 use."""
+    base = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
+    return "+".join([base] + [f for f in ISA_EXTRAS if f in flags])
 
 
 def _cpuinfo_field(field: str) -> str:
@@ -171,8 +184,16 @@ def compare_fp32(shard_dir: Path, engine: Engine, task: str, inputs: Dict[str, t
     reference = load_model(shard_dir, engine.ctx, "fp32", engine.manifest)
     want = TASKS[task].run(reference, inputs)
     del reference
-    deviation = {name: float((got[name].float() - want[name]).abs().max()) for name in want}
-    report: Dict[str, Any] = {"max_abs_diff": deviation}
+    return output_agreement(got, want)
+
+
+def output_agreement(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Per output: the max absolute difference and the min per-sample cosine; for logits, top-1 agreement."""
+    report: Dict[str, Any] = {
+        "max_abs_diff": {name: float((got[name].float() - want[name]).abs().max()) for name in want},
+        "min_cosine": {name: float(torch.nn.functional.cosine_similarity(
+            got[name].float().flatten(1), want[name].float().flatten(1), dim=-1).min()) for name in want},
+    }
     logits = next((name for name in ("vqa_logits", "nlvr2_logits") if name in want), None)
     if logits:
         report["top1_agreement"] = float((got[logits].argmax(-1) == want[logits].argmax(-1)).float().mean())
@@ -197,15 +218,16 @@ def bench_engine(engine: Engine, shard_dir: Path, task: str, batch_size: int, wa
     timed = time_forward(engine, task, inputs, warmup, iters, graphs)
     ctx.barrier()
     shapes = gemm_shapes(model, task, inputs)
-    peak = peak_gflops(shapes, DTYPES[dtype], ctx.device)
+    peak = peak_gflops(shapes, dtype, ctx.device)
     accuracy = compare_fp32(shard_dir, engine, task, inputs, TASKS[task].run(model, inputs)) \
         if check_fp32 and dtype != "fp32" else None
     mine = {
         "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"],
         "subln_s": timed["subln_s"], "peak": peak,
-        "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes(model.parameters()),
+        "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes([*model.parameters(), *model.buffers()]),
         "position_bias": _module_bytes(model.cached_position_biases()),
-        "linear_kernels": model.linear_kernels, "gemm_shapes": [list(shape) for shape in shapes],
+        "linear_kernels": model.linear_kernels, "attention_kernel": model.attention_kernel,
+        "gemm_shapes": [list(shape) for shape in shapes],
         "cuda_graphs": graphs.mode(task, batch_size), "device_memory": graphs.memory.report(),
     }
     ranks = ctx.gather_objects(mine)
@@ -237,6 +259,7 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfi
         "peak_gflop_per_s_per_rank": [r["peak"] for r in ranks],
         "peak_gemm_shapes": ranks[0]["gemm_shapes"],
         "linear_kernels_per_rank": [r["linear_kernels"] for r in ranks],
+        "attention_kernel_per_rank": [r["attention_kernel"] for r in ranks],
         "fraction_of_peak": gflop * samples_per_s / peak,
         "weights_bytes_per_rank": [r["weights"] for r in ranks],
         "cuda_graphs": ranks[0]["cuda_graphs"],

@@ -5,7 +5,7 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import click
 import torch
@@ -19,8 +19,10 @@ from ..models.tasks import TASKS
 from ..runtime.distributed import LaunchError, ParallelContext, init_parallel, shutdown
 from ..runtime.errors import ShardingError
 from ..runtime.health import PeerFailure, leave
+from ..layers.int8 import kernels_for
+from ..runtime.dtypes import CHOICES, announce, choose
 from ..runtime.launch import exit_process, this_launch
-from ..runtime.loading import DTYPES, default_dtype, load_model
+from ..runtime.loading import default_dtype, load_model
 from ..runtime.memory import DeviceMemoryError
 from ..runtime.shards import Manifest, read_manifest
 
@@ -50,8 +52,9 @@ def engine_options(command: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True,
                      type=click.Choice(["auto", "npu", "cuda", "cpu"]),
                      help="npu → HCCL, cuda → NCCL, cpu → gloo; auto picks the first available in that order."),
-        click.option("--dtype", default=None, type=click.Choice(sorted(DTYPES)),
-                     help="Compute dtype [default: fp16 on NPU/GPU, fp32 on CPU]."),
+        click.option("--dtype", default=None, type=click.Choice(CHOICES),
+                     help="Compute dtype [default: fp16 on NPU/GPU, fp32 on CPU]. auto: the faster of fp32 and bf16 "
+                          "here (fp16 and bf16 on NPU/GPU), measured at load; int8: W8A8 linears (CPU, CUDA)."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads per rank [default: cores / ranks on this node]."),
         click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
@@ -105,10 +108,24 @@ def start_engine(shard_dir: Path, device: str, dtype: Optional[str], threads: Op
     """Read the manifest, join the process group, and load this rank's shard."""
     manifest = read_manifest(shard_dir)
     ctx = init_parallel(device, manifest.tp, timeout_s, threads)
-    dtype = dtype or default_dtype(ctx.device)
+    dtype, note = pick_dtype(ctx, manifest.config, dtype)
     start = time.perf_counter()
     model = load_model(shard_dir, ctx, dtype, manifest)
+    announce(ctx, note)
     return Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype, load_s=time.perf_counter() - start)
+
+
+def pick_dtype(ctx: ParallelContext, cfg: ModelConfig, requested: Optional[str]) -> Tuple[str, Optional[str]]:
+    """(dtype, note): the default as asked, auto resolved by measurement, and for any other explicit choice but
+    fp32 (the reference) a note when another candidate is faster here (engine.runtime.dtypes)."""
+    if requested is None or requested == "fp32":
+        return requested or default_dtype(ctx.device), None
+    if requested == "int8":
+        try:
+            kernels_for(ctx.device)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return choose(ctx, requested, (cfg.ffn_dim // ctx.tp_size, cfg.embed_dim), cfg.max_text_len + cfg.num_image_tokens)
 
 
 def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:

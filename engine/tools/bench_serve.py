@@ -137,13 +137,14 @@ def asset_options(out: str, model: str, model_help: str, dtype: str) -> Callable
                      help="Where the demo's assets are built (shared with make demo / make serve)."),
         click.option("--model", type=click.Choice(["base", "tiny"]), default=model, show_default=True,
                      help=model_help),
-        click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=dtype, show_default=True),
+        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default=dtype, show_default=True,
+                     help="auto: the faster of fp32 and bf16 on this CPU, measured at load."),
     ])
 
 
 @click.command()
 @asset_options("bench/serve", "base", "tiny: the demo's 64-wide model, to check the benchmark itself in seconds.",
-               "bf16")
+               "auto")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per rank [default: cores / 2].")
 @click.option("--single", "n_single", type=click.IntRange(min=1), default=8, show_default=True,
               help="Requests of the single-stream run (one at a time).")
@@ -168,6 +169,7 @@ def main(out_dir: Path, workdir: Path, model: str, dtype: str, threads: Optional
         return [request_body("vqa", *samples[i % len(samples)]) for i in range(n)]
 
     forward = run_bench(shards, TP, dtype, 1, threads, 2, iters, out_dir / "engine_bench_b1.json")
+    dtype = forward["dtype"]  # auto as engine.bench resolved it: the servers run the same
     # The two saturated runs back to back, so that a shared machine's load changes little between them.
     saturated = {}
     server = ServerProcess(shards, answers, dtype, threads, ["--max-batch-size", "1"])

@@ -71,6 +71,7 @@ def run_bench(shards: Path, tp: int, dtype: str, batch: int, threads: int, warmu
 
 
 def golden_vqa_agreement(golden: Path, dtype: str = "bf16") -> Dict[str, Dict[str, Any]]:
+    # `dtype` as resolved (auto is never passed here: the runs report what it picked)
     """Per golden VQA case: does `dtype` give fp32's top-1 answers, and how far apart are the logits."""
     results = {}
     ctx = init_parallel("cpu", 1)
@@ -142,7 +143,7 @@ def table(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]]) -> str:
 
 
 # One colour per dtype; tp > 1 dashed with squares, the more-threads tp 1 reference with triangles.
-COLOURS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
+COLOURS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green", "int8": "tab:red"}
 
 
 def figure(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]], path: Path) -> Path:
@@ -214,7 +215,8 @@ def _axes(ax: Any, title: str, y_label: str, batches: Sequence[int]) -> None:
 @click.option("--tps", type=NumberList(int, 1), default="1 2", show_default=True,
               help="Tensor-parallel degrees, space-separated.")
 @click.option("--batches", type=NumberList(int, 1), default="1 4 8", show_default=True)
-@click.option("--dtypes", default="fp32 bf16", show_default=True)
+@click.option("--dtypes", default="auto int8", show_default=True,
+              help="auto: the faster of fp32 and bf16 here (engine.runtime.dtypes); rows show what it picked.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per rank, the same at every tp [default: cores / the largest tp].")
 @click.option("--reference-threads", type=click.IntRange(min=1), default=None,
@@ -222,7 +224,7 @@ def _axes(ax: Any, title: str, y_label: str, batches: Sequence[int]) -> None:
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run every configuration this many times and keep the fastest (p50): for a shared machine.")
 @click.option("--golden", type=click.Path(path_type=Path), default=Path("../shared/golden"), show_default=True,
-              help="Golden VQA cases to check bf16's answers against fp32's on (skipped when absent).")
+              help="Golden VQA cases to check each non-fp32 dtype's answers against fp32's on (skipped when absent).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=3, show_default=True)
 def main(out_dir: Path, cache: Path, tps: List[int], batches: List[int], dtypes: str, threads: Optional[int],
@@ -247,7 +249,8 @@ def main(out_dir: Path, cache: Path, tps: List[int], batches: List[int], dtypes:
                         best[(tp, thr)] = run
             runs += [best[config] for config in configs]
     scaling = speedups(runs)
-    agreement = {d: golden_vqa_agreement(golden, d) for d in dtype_list if d != "fp32"} if golden.is_dir() else {}
+    ran = sorted({r["dtype"] for r in runs} - {"fp32"})  # auto as resolved
+    agreement = {d: golden_vqa_agreement(golden, d) for d in ran} if golden.is_dir() else {}
     report = {"runs": runs, "scaling": scaling, "golden_vs_fp32": agreement,
               "settings": {"tps": tp_list, "batches": batch_list, "dtypes": dtype_list, "threads_per_rank": threads,
                            "reference_threads": reference_threads, "repeats": repeats, "warmup": warmup,

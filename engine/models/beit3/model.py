@@ -23,7 +23,7 @@ from torch import nn
 from ...layers.attention import AttentionOptions, KeySelection, attention, select_keys
 from ...layers.checkpoint import CheckpointModule, Tensors, default_convert, default_specs, parameter
 from ...layers.common import dense, embedding, layer_norm, patch_embedding
-from ...layers.linear import ColumnParallelLinear, RowParallelLinear, reduce_parts
+from ...layers.linear import ColumnParallelLinear, ParallelLinear, RowParallelLinear, reduce_parts
 from ...layers.split import Split, TensorSpec
 from ...layers.subln import SplitLayerNorm, split_layer_norm
 from ...runtime.distributed import ParallelContext
@@ -187,6 +187,18 @@ class BEiT3(MultiwayModel):
 
     def compute_dtype_modules(self) -> List[nn.Module]:
         return [self.beit3.vision_embed.proj]
+
+    def smoothing_groups(self) -> List[Tuple[nn.Module, List[ParallelLinear]]]:
+        # per expert: qkv reads self_attn_layer_norm, out_proj the Sub-LN inner_attn_ln, fc1 final_layer_norm,
+        # fc2 the Sub-LN ffn_layernorm (a Sub-LN's chunk on this rank feeds this rank's columns only)
+        groups: List[Tuple[nn.Module, List[ParallelLinear]]] = []
+        for layer in self.beit3.encoder.layers:
+            attn = layer.self_attn
+            for e in (IMAGE, TEXT):
+                ffn = layer.ffn[e]
+                groups += [(layer.self_attn_layer_norm[e], [attn.qkv[e]]), (attn.inner_attn_ln[e], [attn.out_proj[e]]),
+                           (layer.final_layer_norm[e], [ffn.fc1]), (ffn.ffn_layernorm, [ffn.fc2])]
+        return groups
 
     # --- embeddings -------------------------------------------------------------------------
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from ...layers.attention import AttentionOptions, KeySelection, attention, select_keys
 from ...layers.checkpoint import CheckpointModule, Tensors, default_convert, default_specs, parameter
 from ...layers.common import dense, embedding, layer_norm, patch_embedding
-from ...layers.linear import ColumnParallelLinear, RowParallelLinear, reduce_parts
+from ...layers.linear import ColumnParallelLinear, ParallelLinear, RowParallelLinear, reduce_parts
 from ...layers.split import Split, TensorSpec
 from ...runtime.distributed import ParallelContext
 from ..base import MultiwayModel
@@ -193,6 +193,14 @@ class VLMo(MultiwayModel):
 
     def compute_dtype_modules(self) -> List[nn.Module]:
         return [self.transformer.patch_embed, self.text_embeddings.word_embeddings]
+
+    def smoothing_groups(self) -> List[Tuple[nn.Module, List[ParallelLinear]]]:
+        # qkv reads norm1, each expert's fc1 its norm2; proj (attention output) and fc2 (GELU's) read no norm
+        groups: List[Tuple[nn.Module, List[ParallelLinear]]] = []
+        for block in self.transformer.blocks:
+            groups.append((block.norm1, [block.attn.qkv]))
+            groups += [(getattr(block, f"norm2_{e}"), [getattr(block, f"mlp_{e}").fc1]) for e in block._experts()]
+        return groups
 
     def set_compute_dtype(self, dtype: torch.dtype) -> "VLMo":
         super().set_compute_dtype(dtype)
