@@ -14,6 +14,7 @@ import torch
 
 from ..layers.int8 import Int8Linear, kernels_for
 from ..layers.kernels import best_seconds, time_linear
+from ..options import NumberList
 
 D, FFN = 768, 3072
 
@@ -36,18 +37,19 @@ def time_shape(shape: Tuple[int, int], tokens: int) -> Dict[str, float]:
 
 
 @click.command()
-@click.option("--threads", default="1 2", help="thread counts, space-separated")
-@click.option("--tokens", default="237 941", help="rows per GEMM (VLMo joint pass: 237 at 224, 941 at 480)")
-@click.option("--tps", default="1 2", help="tensor-parallel widths of the shapes")
-@click.option("--rounds", default=3, show_default=True)
-def main(threads: str, tokens: str, tps: str, rounds: int) -> None:
+@click.option("--threads", type=NumberList(int, 1), default="1 2", help="thread counts, space-separated")
+@click.option("--tokens", type=NumberList(int, 1), default="237 941",
+              help="rows per GEMM (VLMo joint pass: 237 at 224, 941 at 480)")
+@click.option("--tps", type=NumberList(int, 1), default="1 2", help="tensor-parallel widths of the shapes")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+def main(threads: List[int], tokens: List[int], tps: List[int], rounds: int) -> None:
     rows: Dict[tuple, List[Dict[str, float]]] = {}
     for _ in range(rounds):
-        for t in map(int, threads.split()):
+        for t in threads:
             torch.set_num_threads(t)
-            for tp in map(int, tps.split()):
+            for tp in tps:
                 for name, shape in vlmo_base_shapes(tp).items():
-                    for m in map(int, tokens.split()):
+                    for m in tokens:
                         rows.setdefault((t, tp, name, shape, m), []).append(time_shape(shape, m))
     click.echo(f"{'thr':>3} {'tp':>2} {'layer':<5} {'out x in':>10} {'tokens':>6} {'fp32 ms':>8} "
                f"{'int_mm x (min/med)':>19} {'onednn x (min/med)':>19}")
