@@ -125,6 +125,11 @@ class MultiwayModel(nn.Module, metaclass=abc.ABCMeta):
             module.to(dtype)
         return self
 
+    @property
+    def has_position_bias(self) -> bool:
+        """Whether attention adds a position bias to its scores (which kernel is faster depends on it)."""
+        return False
+
     def cached_position_biases(self) -> List[torch.Tensor]:
         """Position-bias tensors built and kept so far (engine.bench counts their memory)."""
         return []

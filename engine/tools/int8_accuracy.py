@@ -28,6 +28,7 @@ from ..runtime.loading import load_model
 OUTLIER_CHANNELS = (1, 100, 383, 700)
 GOLDEN_VQA = "vqav2_val_preprocessed.safetensors"
 BATCH = 8
+BERT_VOCAB = 30522  # bert-base-uncased, whose ids the golden preprocessed inputs hold
 
 
 def plant_outliers(model: nn.Module, factor: float, channels: Sequence[int] = OUTLIER_CHANNELS) -> None:
@@ -43,13 +44,15 @@ def plant_outliers(model: nn.Module, factor: float, channels: Sequence[int] = OU
 
 
 def evaluation_inputs(cfg: Any, golden: Path, synthetic: int) -> Dict[str, torch.Tensor]:
-    """The golden VQA inputs that fit this model (VLMo at 480) followed by `synthetic` random ones."""
+    """The golden VQA inputs where they fit this model (bert-base-uncased ids, 40 tokens, 480-pixel images: a
+    VLMo at 480), followed by `synthetic` random ones."""
     parts = []
     path = golden / GOLDEN_VQA
-    if cfg.family == "vlmo" and cfg.image_size == 480 and path.is_file():
+    if cfg.image_size == 480 and path.is_file():
         g = load_file(str(path))
         n = g["image_480"].shape[0]
-        parts.append({"text_ids": g["text_ids"][:n], "text_masks": g["text_masks"][:n], "image": g["image_480"]})
+        if cfg.vocab_size == BERT_VOCAB and g["text_ids"].shape[1] == cfg.max_text_len:
+            parts.append({"text_ids": g["text_ids"][:n], "text_masks": g["text_masks"][:n], "image": g["image_480"]})
     if synthetic:
         parts.append(synthetic_inputs(cfg, "vqa", synthetic, torch.device("cpu"), seed=1))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

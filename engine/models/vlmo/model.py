@@ -241,6 +241,10 @@ class VLMo(MultiwayModel):
         """How far keys are rolled left for attention: a joint pass's text keys go last, so padding is a suffix."""
         return self.cfg.max_text_len if mode == JOINT else 0
 
+    @property
+    def has_position_bias(self) -> bool:
+        return self.cfg.relative_position_bias
+
     def cached_position_biases(self) -> List[torch.Tensor]:
         return list(self._position_bias.values())
 
