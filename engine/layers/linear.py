@@ -10,7 +10,7 @@ FFN's GELU) for the GEMM shapes where that measures faster on this machine (engi
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -63,19 +63,28 @@ class RowParallelLinear(nn.Module):
         return reduce_parts([(x, self)])
 
 
-def reduce_parts(parts: Sequence[Tuple[torch.Tensor, RowParallelLinear]]) -> torch.Tensor:
+def reduce_parts(parts: Sequence[Tuple[torch.Tensor, RowParallelLinear]],
+                 into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Row-parallel products of consecutive token spans (x_i [B, n_i, in/tp], layer_i), summed over the ranks
-    in one all-reduce, each span's bias added once: [B, Σ n_i, out] in fp32 or the layers' dtype."""
+    in one all-reduce, each span's bias added once: [B, Σ n_i, out] in fp32 or the layers' dtype — or, given
+    `into` (the residual stream, [B, Σ n_i, out]), added to it in place."""
+    if into is not None and parts[0][1].ctx.tp_size == 1:  # nothing to reduce: each span straight into its tokens
+        start = 0
+        for x, layer in parts:
+            into[:, start:start + x.shape[1]] += layer.partial(x).add_(layer.bias)
+            start += x.shape[1]
+        return into
     partials = [layer.partial(x) for x, layer in parts]
     out = partials[0] if len(partials) == 1 else torch.cat(partials, dim=1)
     parts[0][1].ctx.all_reduce_(out)
     if len(parts) == 1:
-        return out.add_(parts[0][1].bias)
-    start = 0
-    for x, layer in parts:
-        out[:, start:start + x.shape[1]] += layer.bias
-        start += x.shape[1]
-    return out
+        out.add_(parts[0][1].bias)
+    else:
+        start = 0
+        for x, layer in parts:
+            out[:, start:start + x.shape[1]] += layer.bias
+            start += x.shape[1]
+    return out if into is None else into.add_(out)
 
 
 ParallelLinear = Union[ColumnParallelLinear, RowParallelLinear]

@@ -118,7 +118,8 @@ class EncoderLayer(nn.Module):
         x = x + self.self_attn([(e, self.self_attn_layer_norm[e](t)) for e, t in parts], keys)
         hidden = [(e, self.ffn[e].fc1(self.final_layer_norm[e](t))) for e, t in split_parts(x, split)]
         normed = sub_layer_norm(lambda e: self.ffn[e].ffn_layernorm, hidden, self.ctx)
-        return x + reduce_parts([(h, self.ffn[e].fc2) for e, h in normed])
+        # x is this layer's own tensor (made above) and both experts have read their tokens: add in place
+        return reduce_parts([(h, self.ffn[e].fc2) for e, h in normed], into=x)
 
 
 class VisionEmbedding(nn.Module):

@@ -113,7 +113,8 @@ class Block(CheckpointModule):
         else:  # joint input, no VL expert here: text and image tokens to their own experts, one all-reduce
             routes = [(x[:, :self.text_len], self.norm2_text, self.mlp_text),
                       (x[:, self.text_len:], self.norm2_imag, self.mlp_imag)]
-        return x + reduce_parts([(mlp.fc1(norm(part)), mlp.fc2) for part, norm, mlp in routes])
+        # x is this block's own tensor (made above) and every expert has read its tokens: add in place
+        return reduce_parts([(mlp.fc1(norm(part)), mlp.fc2) for part, norm, mlp in routes], into=x)
 
 
 class MultiwayTransformer(nn.Module):
