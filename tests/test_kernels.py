@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine.tasks.benchmark import gemm_shapes
 from engine.models import build_model
 from engine.runtime.distributed import ParallelContext
 from engine.layers import kernels
+from engine.tasks.benchmark import recorded_forward
 from engine.models.vlmo.config import ARCH_PRESETS, VLMoConfig
 from engine.layers.linear import ColumnParallelLinear, RowParallelLinear, pack_where_faster
 
@@ -61,8 +61,8 @@ def test_gemm_shapes_of_vlmo_base_480_vqa_at_tp2(monkeypatch: pytest.MonkeyPatch
     for m in (joint, text, image):  # VL experts on the joint sequence (layers 10-11), text and image experts apart
         want |= {(m, 768, 3072 // 2), (m, 3072 // 2, 768)}
     with torch.inference_mode():
-        assert set(gemm_shapes(model, "vqa", _inputs(1))) == want
-        assert max(m for m, _, _ in gemm_shapes(model, "vqa", _inputs(2))) == 2 * joint
+        assert set(recorded_forward(model, "vqa", _inputs(1))[0]) == want
+        assert max(m for m, _, _ in recorded_forward(model, "vqa", _inputs(2))[0]) == 2 * joint
 
 
 def _inputs(batch: int) -> dict:

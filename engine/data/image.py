@@ -80,7 +80,9 @@ def square_transform(image: Image.Image, size: int) -> torch.Tensor:
     The arithmetic follows torchvision's Resize / ToTensor / Normalize step by
     step (float32 divide by 255, subtract, divide) so results match bit for bit.
     """
-    resized = to_rgb(image).resize((size, size), Image.BICUBIC)
+    # decode_image's output is already the RGB picture: no second conversion (a copy per image) for it
+    rgb = image if image.mode == "RGB" and "transparency" not in image.info else to_rgb(image)
+    resized = rgb.resize((size, size), Image.BICUBIC)
     pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
     return pixels.float().div(255).sub(0.5).div(0.5)
 

@@ -36,6 +36,8 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
 
     key_masking: how attention leaves padded keys out (engine.layers.attention) [default: the device's choice].
     """
+    if dtype == INT8:
+        kernels_for(ctx.device)  # a one-line refusal where there is no int8 kernel, before anything loads
     manifest = manifest or read_manifest(shard_dir)
     published = load_rank_shard(shard_dir, ctx.tp_rank, ctx.tp_size, manifest)
     with torch.device("meta"):
@@ -48,7 +50,6 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
     model = model.to(device=ctx.device).set_compute_dtype(compute).eval()
     model.attention_options.key_masking = key_masking or key_masking_for(ctx.device)
     if dtype == INT8:
-        kernels_for(ctx.device)  # a one-line refusal where there is no int8 kernel
         # VLMO_INT8_SMOOTHING=0: no smoothing (to measure what it does)
         smoothing = os.environ.get("VLMO_INT8_SMOOTHING", "1") != "0"
         model.linear_kernels = quantize_model(model, model.cfg.max_text_len + model.cfg.num_image_tokens, smoothing)

@@ -77,11 +77,12 @@ def synthetic_inputs(cfg: ModelConfig, task: str, batch: int, device: torch.devi
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def gemm_shapes(model: MultiwayModel, task: str, inputs: Dict[str, torch.Tensor]) -> List[Tuple[int, int, int]]:
-    """(M, K, N) of every linear-layer GEMM this rank runs in the task's forward, recorded from one forward."""
+def recorded_forward(model: MultiwayModel, task: str,
+                     inputs: Dict[str, torch.Tensor]) -> Tuple[List[Tuple[int, int, int]], Dict[str, torch.Tensor]]:
+    """One untimed forward: (M, K, N) of every linear-layer GEMM this rank runs in it, and its outputs."""
     with record_gemm_shapes() as shapes:
-        TASKS[task].run(model, inputs)
-    return sorted(shapes)
+        outputs = TASKS[task].run(model, inputs)
+    return sorted(shapes), outputs
 
 
 def peak_gflops(shapes: List[Tuple[int, int, int]], dtype: str, device: torch.device) -> float:
@@ -217,9 +218,9 @@ def bench_engine(engine: Engine, shard_dir: Path, task: str, batch_size: int, wa
 
     timed = time_forward(engine, task, inputs, warmup, iters, graphs)
     ctx.barrier()
-    shapes = gemm_shapes(model, task, inputs)
+    shapes, outputs = recorded_forward(model, task, inputs)  # the peak's shapes and --check-fp32's outputs at once
     peak = peak_gflops(shapes, dtype, ctx.device)
-    accuracy = compare_fp32(shard_dir, engine, task, inputs, TASKS[task].run(model, inputs)) \
+    accuracy = compare_fp32(shard_dir, engine, task, inputs, outputs) \
         if check_fp32 and dtype != "fp32" else None
     mine = {
         "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"],
