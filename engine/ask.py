@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import click
+from PIL import Image
 
 from .runtime.shards import read_manifest
 from .serving.payloads import Preprocessor, nlvr2_response, top_k_of, vqa_response
-from .serving.preprocess import Limits, RequestError, check_image_size
+from .serving.preprocess import Limits, RequestError, allow_pixels, check_image_size
 from .models.tasks import NLVR2, VQA, served_tasks
 from .serving.tasks import ServedModel
 from .tasks.cli import UsageError, engine_options, one_line_errors, start_engine
 from .data.vqav2 import answer_table
 from .tasks.tokenizers import make_tokenizer, tokenizer_option
+
+# Pillow's own limit (it warns above it): a local command decodes what a viewer would open, larger than a server takes
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 def _read(path: Path, limits: Limits) -> bytes:
@@ -40,11 +44,13 @@ def _read(path: Path, limits: Limits) -> bytes:
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
 @tokenizer_option
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest image in pixels, checked before decoding (decompression bombs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as /v1/vqa (or /v1/nlvr2) returns it.")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          images: Tuple[Path, ...], question: str, answers_path: Optional[Path], top_k: str, vocab: Optional[Path],
-         tokenizer_path: Optional[Path], as_json: bool) -> None:
+         tokenizer_path: Optional[Path], max_image_pixels: int, as_json: bool) -> None:
     """Answer one question about one image (or judge one sentence about two) with the checkpoint in SHARDS."""
     cfg = read_manifest(shard_dir).config
     kinds = served_tasks(cfg)
@@ -58,7 +64,8 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     answers = answer_table(answers_path, cfg.vqa_labels) if kind == VQA and answers_path else None
     if kind == VQA and answers is None:
         raise UsageError("--answers: required for a VQA checkpoint (its answer2label.txt)")
-    limits = Limits(max_image_bytes=1 << 62, max_image_pixels=1 << 62)
+    limits = Limits(max_image_bytes=1 << 62, max_image_pixels=max_image_pixels)
+    allow_pixels(max_image_pixels)  # Pillow's own guard agrees, as in engine.serve
     preprocessor = Preprocessor(cfg, make_tokenizer(cfg, tokenizer_path, vocab), limits)
     try:
         pixels = [preprocessor.image(_read(path, limits), str(path)) for path in images]

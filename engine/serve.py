@@ -22,7 +22,6 @@ from .runtime.launch import exit_process, this_launch
 from .runtime.shards import Manifest, read_manifest
 from .models.tasks import TEXT_EMBEDDING
 from .serving.app import build_app
-from .serving.preprocess import allow_pixels
 from .serving.search import SearchIndex
 from .serving.setup import (ServerOptions, follow_rank_zero, listen, load_rank_zero, new_state, read_served,
                             server_options)
@@ -102,7 +101,6 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     if not this_launch().is_main:
         follow(shard_dir, device, dtype, threads, timeout_s, options)
     search = SearchIndex.open(index_dir, manifest, shard_dir) if index_dir is not None else None  # rank 0's alone
-    allow_pixels(options.max_image_pixels)
     sock = listen(options.host, options.port)
     server: Optional[_Server] = None
 

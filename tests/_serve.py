@@ -6,11 +6,13 @@ import json
 import os
 import queue
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -121,6 +123,16 @@ def multipart(fields: Dict[str, str], files: Dict[str, bytes]) -> Tuple[bytes, s
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.jpg"\r\n'
                      f'Content-Type: image/jpeg\r\n\r\n'.encode() + data + b"\r\n")
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (grayscale, 1 bit) with one tiny, truncated IDAT: a
+    decompression bomb's header, without the bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
 def in_parallel(calls: Sequence[Any], clients: int) -> List[Any]:

@@ -19,8 +19,8 @@ import pytest
 from _paths import GOLDEN, needs
 from _ray_serve import Cluster, RayServer, expected_replies, golden_replies
 from _run import invoke_refused, run_module, shard_here
-from _serve import in_parallel
-from _vqa_requests import ANSWERS, RAW, ask_json, val_questions
+from _serve import in_parallel, png_header
+from _vqa_requests import ANSWERS, RAW, ask_json, b64, val_questions
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (make install installs it)")
 
@@ -93,6 +93,11 @@ class TestOneReplicaAtTp2:
                  (404, server.get("/v1/nothing"))]
         for want, (status, _, body) in cases:
             assert status == want and set(body) == {"error"}, (want, status, body)
+        # Pillow's own bomb guard is the replica's --max-image-pixels (default 40 M): it refuses an image over
+        # twice that in Image.open, as in engine.serve; with Pillow's default (89.5 M) the header check would answer
+        status, _, body = server.post_json("/v1/vqa", {"image": b64(png_header(9000, 9000)), "question": "what?"})
+        assert status == 413 and body["error"] == ("image: image of 81000000 pixels exceeds --max-image-pixels "
+                                                   "40000000 (a decompression bomb)"), body
 
     def test_sigterm_answers_the_requests_in_flight_then_exits_0(self, server: RayServer) -> None:
         replies: Dict[int, tuple] = {}

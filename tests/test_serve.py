@@ -18,7 +18,7 @@ from PIL import Image
 
 from _paths import GOLDEN, needs
 from _run import shard
-from _serve import Server, in_parallel
+from _serve import Server, in_parallel, png_header
 from _vqa_requests import ANSWERS, RAW, ask_chat, ask_form, ask_json, b64, val_questions
 
 EXPECTED = GOLDEN / "vqa_e2e_expected.json"
@@ -355,6 +355,23 @@ def test_engine_ask_prints_the_answer_and_top_k_and_refuses_bad_input_in_one_lin
     invoke_refused(ask_main, ["--shards", shards, "--answers", ANSWERS, "--image", ANSWERS, "--question", "what?"],
                    "cannot decode image", str(ANSWERS))
     invoke_refused(ask_main, ["--shards", shards, "--image", image, "--question", "what?"], "--answers")
+
+
+def test_engine_ask_bounds_images_by_its_own_max_image_pixels(shards: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit its message names is its own option, and Pillow's guard agrees with it (a bomb far over it)."""
+    from _run import invoke_refused
+    from engine.ask import DEFAULT_MAX_PIXELS, main as ask_main
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # engine.ask sets it for its process
+    photo = RAW / "val2014" / f"COCO_val2014_{QUESTIONS[0]['image_id']:012d}.jpg"
+    base = ["--shards", shards, "--answers", ANSWERS, "--question", "what?", "--device", "cpu"]
+    invoke_refused(ask_main, [*base, "--image", photo, "--max-image-pixels", 100], str(photo),
+                   "pixels exceeds --max-image-pixels 100")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(60000, 60000))
+    invoke_refused(ask_main, [*base, "--image", bomb], str(bomb),
+                   f"image of 3600000000 pixels exceeds --max-image-pixels {DEFAULT_MAX_PIXELS} (a decompression bomb)")
 
 
 def test_loadgen_reports_latency_percentiles_and_rate_against_the_server(server: Server, tmp_path: Path) -> None:

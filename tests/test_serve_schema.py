@@ -7,12 +7,10 @@ from __future__ import annotations
 import io
 import json
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Dict
 
@@ -23,7 +21,7 @@ from PIL import Image
 
 from _paths import GOLDEN, needs
 from _run import _env, shard_here
-from _serve import Server
+from _serve import Server, png_header
 from _vqa_requests import ANSWERS, b64, val_questions
 from engine.index.__main__ import main as index_main
 
@@ -136,15 +134,6 @@ def test_json_nested_2000_deep_is_a_400_json_error_on_every_endpoint(servers: Di
         for body in (deep, deep_field):
             status, _, reply = servers[task].request("POST", path, body, {"content-type": "application/json"})
             assert status == 400 and set(reply) == {"error"} and "nested too deeply" in reply["error"], (path, reply)
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels (grayscale, 1 bit) with one tiny, truncated IDAT."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
 @pytest.mark.parametrize("pixels", [(1200, 1000), (20000, 20000), (60000, 60000)],

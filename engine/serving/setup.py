@@ -28,7 +28,7 @@ from .batcher import Batcher
 from .group import GroupChannel
 from .metrics import ServerMetrics
 from .payloads import Preprocessor
-from .preprocess import Limits
+from .preprocess import Limits, allow_pixels
 from .runner import Runner
 from .warmup import served_model
 
@@ -151,7 +151,9 @@ def model_name(manifest: Manifest, shard_dir: Path) -> str:
 
 def new_state(served: Served, options: ServerOptions, dtype: Optional[str], timeout_s: float,
               on_fatal: Callable[[str], None], metrics: Optional[ServerMetrics] = None) -> ServerState:
-    """The batcher, the engine thread's runner (no model yet) and everything the app reads."""
+    """The batcher, the engine thread's runner (no model yet) and everything the app reads; Pillow's own bomb
+    guard (process-wide) set to --max-image-pixels, in engine.serve's process as in each Ray replica's."""
+    allow_pixels(options.max_image_pixels)
     metrics = metrics or ServerMetrics()
     batcher = Batcher(options.max_batch_size, options.max_wait_ms / 1e3, options.max_queue)
     metrics.queue_depth.set_function(lambda: batcher.depth)
