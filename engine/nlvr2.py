@@ -21,6 +21,7 @@ from .tasks.tokenizers import make_tokenizer
 from .models import MultiwayModel
 from .models.tasks import NLVR2, NLVR2_LABELS, TASKS
 from .runtime.shards import read_manifest
+from .tasks.calibration import calibration_options, read_calibration
 from .tasks.cli import engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.evaluation import Batch, Record
 from .tasks.frontend import (Step, image_errors, latency_rows, per_sample_step, print_table, results_identity,
@@ -70,11 +71,13 @@ def summarize(records: List[Record]) -> Dict[str, Any]:
 @click.option("--split", default="dev", show_default=True,
               help="dev or test1 (or train, balanced_dev, ...: any nlvr2_SPLIT.arrow).")
 @results_options(stem="nlvr2", one_per="sentence", summary="accuracy, latency, image errors")
+@calibration_options("an NLVR2 split's arrow file, e.g. DATA/nlvr2_train.arrow")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          arrow_dir: Path, split: str, vocab: Optional[Path],
          tokenizer_path: Optional[Path], batch_size: int, num_workers: int,
-         limit: Optional[int], out_path: Optional[Path], summary_path: Optional[Path]) -> None:
+         limit: Optional[int], out_path: Optional[Path], summary_path: Optional[Path],
+         calibration_path: Optional[Path], calibration_samples: Optional[int]) -> None:
     """Judge the sentences of one NLVR2 split with the sharded checkpoint in SHARDS; report accuracy and latency."""
     # Everything a user can get wrong is checked before the model loads or a file is written.
     out_path = writable("--out", out_path or Path("results") / f"nlvr2_{split}.jsonl")
@@ -85,8 +88,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     dataset = NLVR2Dataset(arrow_dir, split, tokenizer, cfg.image_size)
     keys = dataset.keys()
     identity = results_identity("nlvr2", split, split_filename("nlvr2", split), keys, tokenizer=tokenizer.file)
+    calibration = read_calibration(calibration_path, calibration_samples, dtype, "nlvr2", cfg, tokenizer)
 
-    engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
+    engine = start_engine(shard_dir, device, dtype, threads, timeout_s, calibration)
     done = run_resumable(engine, dataset, keys[:limit], predictor(engine.model, engine.ctx.device),
                          out_path=out_path, key=KEY, noun="sentences", batch_size=batch_size,
                          num_workers=num_workers, label=f"nlvr2 {split}", identity=identity)

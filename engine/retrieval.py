@@ -23,6 +23,7 @@ from .tasks.tokenizers import make_tokenizer
 from .models import MultiwayModel
 from .models.tasks import IMAGE_EMBEDDING, TASKS, TEXT_EMBEDDING
 from .runtime.shards import read_manifest
+from .tasks.calibration import calibration_options, read_calibration
 from .tasks.cli import UsageError, engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.embeddings import Gallery, save_embeddings
 from .tasks.evaluation import Record, evaluate
@@ -82,11 +83,14 @@ def image_errors(images: List[Record], captions: KarpathyTextDataset, n_captions
 @summary_option("recalls, counts, latency, image errors", "results/retrieval_DATASET_SPLIT.summary.json")
 @click.option("--save-embeddings", "embeddings_path", type=click.Path(path_type=Path), default=None,
               help="Also write the normalised image and caption embeddings with their ids (safetensors).")
+@calibration_options("a Karpathy split's arrow file, e.g. DATA/coco_caption_karpathy_train.arrow: N images and "
+                     "N captions")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          arrow_dir: Path, dataset: str, split: str, vocab: Optional[Path],
          tokenizer_path: Optional[Path], batch_size: int, num_workers: int,
-         limit: Optional[int], summary_path: Optional[Path], embeddings_path: Optional[Path]) -> None:
+         limit: Optional[int], summary_path: Optional[Path], embeddings_path: Optional[Path],
+         calibration_path: Optional[Path], calibration_samples: Optional[int]) -> None:
     """Image→text and text→image recall@1/5/10 of the sharded checkpoint in SHARDS on one Karpathy split."""
     # Everything a user can get wrong is checked before the model loads or a file is written.
     summary_path = writable("--summary", summary_path or Path("results") / f"retrieval_{dataset}_{split}.summary.json")
@@ -94,15 +98,17 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         writable("--save-embeddings", embeddings_path)
     cfg = read_manifest(shard_dir).config
     require_head(cfg, "irtr", shard_dir)
+    tokenizer = make_tokenizer(cfg, tokenizer_path, vocab)
     images = KarpathyImageDataset(arrow_dir, dataset, split, cfg.image_size)
-    captions = KarpathyTextDataset(arrow_dir, dataset, split, make_tokenizer(cfg, tokenizer_path, vocab))
+    captions = KarpathyTextDataset(arrow_dir, dataset, split, tokenizer)
     n_images = min(len(images), limit or len(images))
     if not n_images:
         raise UsageError(f"{dataset} {split}: the split has no images")
     # Captions are in row order: those of the first n_images rows are a prefix.
     n_captions = int((captions.image_index < n_images).sum())
+    calibration = read_calibration(calibration_path, calibration_samples, dtype, "irtr", cfg, tokenizer)
 
-    engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
+    engine = start_engine(shard_dir, device, dtype, threads, timeout_s, calibration)
     ctx = engine.ctx
     received: Dict[str, List[Record]] = {"image": [], "text": []}
     stats = {}

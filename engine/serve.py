@@ -25,6 +25,7 @@ from .serving.app import build_app
 from .serving.search import SearchIndex
 from .serving.setup import (ServerOptions, follow_rank_zero, listen, load_rank_zero, new_state, read_served,
                             server_options)
+from .tasks.calibration import Calibration, calibration_options, head_to_calibrate, read_calibration
 from .tasks.cli import UsageError, engine_options, one_line_errors
 
 # SIGTERM: after --drain-timeout, the time left for the batch in flight and the last answers; then rank 0 stops the
@@ -41,13 +42,13 @@ def check_launch(manifest: Manifest, shard_dir: Path) -> None:
 
 
 def follow(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-           options: ServerOptions) -> None:
+           options: ServerOptions, calibration: Optional[Calibration]) -> None:
     """Ranks other than 0: load, warm up, then run rank 0's steps until it says stop. Exits the process."""
     outcome = []
 
     def work() -> None:
         try:
-            follow_rank_zero(shard_dir, device, dtype, threads, timeout_s, options)
+            follow_rank_zero(shard_dir, device, dtype, threads, timeout_s, options, calibration)
             outcome.append(0)
         except Exception as exc:  # rank 0 went away, or a collective failed
             click.echo(f"error: rank {this_launch().rank}: {exc}", err=True)
@@ -87,9 +88,11 @@ class _Server(uvicorn.Server):
 @click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
               help="An image index (python -m engine.index build) to serve: POST /v1/search, GET /v1/images/{id} "
                    "and the search page /search.")
+@calibration_options("the arrow file of the checkpoint's task, e.g. DATA/vqav2_train.arrow for VQA")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-         index_dir: Optional[Path], **serving: Any) -> None:
+         index_dir: Optional[Path], calibration_path: Optional[Path], calibration_samples: Optional[int],
+         **serving: Any) -> None:
     """Serve the sharded checkpoint in SHARDS over HTTP: VQA, OpenAI chat, embeddings, NLVR2, image search (--index),
     metrics, web pages."""
     options = ServerOptions(**serving)
@@ -98,8 +101,10 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     served = read_served(shard_dir, options, manifest)  # every rank refuses a missing tokenizer, before loading
     if index_dir is not None and TEXT_EMBEDDING not in served.kinds:
         raise UsageError(f"--index {index_dir}: {shard_dir} has no retrieval head to embed queries with")
+    calibration = read_calibration(calibration_path, calibration_samples, dtype,
+                                   head_to_calibrate(served.cfg.tasks), served.cfg, served.tokenizer)
     if not this_launch().is_main:
-        follow(shard_dir, device, dtype, threads, timeout_s, options)
+        follow(shard_dir, device, dtype, threads, timeout_s, options, calibration)
     search = SearchIndex.open(index_dir, manifest, shard_dir) if index_dir is not None else None  # rank 0's alone
     sock = listen(options.host, options.port)
     server: Optional[_Server] = None
@@ -120,10 +125,12 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     click.echo(f"listening on http://{bound[0]}:{bound[1]} (loading the model)", err=True)
 
     def load_and_serve() -> None:
-        if load_rank_zero(state, shard_dir, device, dtype, threads, timeout_s, options):
+        if load_rank_zero(state, shard_dir, device, dtype, threads, timeout_s, options, calibration):
             searching = f"; searching {index_dir} ({len(search.store)} images, /search)" if search else ""
-            click.echo(f"ready: {state.model_id} ({', '.join(served.kinds)}; tp {manifest.tp}, {state.dtype})"
-                       f"{searching}", err=True)
+            calibrated = f" calibrated on {calibration.identity['samples']} samples of {calibration.file}" \
+                if calibration else ""
+            click.echo(f"ready: {state.model_id} ({', '.join(served.kinds)}; tp {manifest.tp}, {state.dtype}"
+                       f"{calibrated}){searching}", err=True)
             runner.loop()
 
     # uvicorn re-raises the signal after its graceful shutdown, into the handler in place before it: these.

@@ -23,6 +23,7 @@ from .data.vqav2 import ANSWER_TABLE, answer_table
 from .models import MultiwayModel
 from .models.tasks import TASKS, VQA
 from .runtime.shards import read_manifest
+from .tasks.calibration import calibration_options, read_calibration
 from .tasks.cli import engine_options, one_line_errors, require_head, start_engine, writable
 from .tasks.evaluation import Batch, Record
 from .tasks.frontend import (Row, Step, image_errors, latency_rows, per_sample_step, print_table, results_options,
@@ -150,12 +151,14 @@ def table_rows(summary: Dict[str, Any]) -> List[Row]:
 @results_options(stem="vqav2", one_per="question", summary="metrics, latency, image errors")
 @click.option("--submission", "submission_path", type=click.Path(path_type=Path), default=None,
               help="EvalAI submission for test/test-dev [default: beside --out, .submission.json].")
+@calibration_options("a VQAv2 split's arrow file, e.g. DATA/vqav2_train.arrow")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          arrow_dir: Path, split: str, answers_path: Optional[Path], vocab: Optional[Path],
          tokenizer_path: Optional[Path], batch_size: int,
          num_workers: int, limit: Optional[int], out_path: Optional[Path], summary_path: Optional[Path],
-         submission_path: Optional[Path]) -> None:
+         submission_path: Optional[Path], calibration_path: Optional[Path],
+         calibration_samples: Optional[int]) -> None:
     """Answer the questions of one VQAv2 split with the sharded checkpoint in SHARDS; report accuracy and latency."""
     # Everything a user can get wrong is checked before the model loads or a file is written.
     out_path = writable("--out", out_path or Path("results") / f"vqav2_{split}.jsonl")
@@ -174,8 +177,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
                                 tokenizer=tokenizer.file)
     question_ids = every_question[:limit]
     submission_ids = [] if scored else submission_question_ids(dataset, arrow_dir, split)
+    calibration = read_calibration(calibration_path, calibration_samples, dtype, "vqa", cfg, tokenizer)
 
-    engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
+    engine = start_engine(shard_dir, device, dtype, threads, timeout_s, calibration)
     done = run_resumable(engine, dataset, question_ids, answerer(engine.model, engine.ctx.device, answers, scored),
                          out_path=out_path, key="question_id", noun="questions", batch_size=batch_size,
                          num_workers=num_workers, label=f"vqav2 {split}", identity=identity)

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from .arrow_io import read_split, read_table, split_filename
+from .arrow_io import read_table, split_filename
 from .image import ImageDecodeError, load_image
 from .raw import DataError
 from .text import TextTokenizer
@@ -76,11 +76,12 @@ def _tokens(tokenizer: TextTokenizer, text: str) -> dict:
 
 class _PerTextDataset(Dataset):
     """One item per element of a list column of a split (a question, a sentence), rows then elements in file
-    order; the row's image(s) decoded at `image_size`."""
+    order; the row's image(s) decoded at `image_size`. `file_name`: a file of the split's format under another
+    name than the split's (a calibration file)."""
 
     def __init__(self, arrow_dir: PathLike, dataset: str, split: str, column: str, tokenizer: TextTokenizer,
-                 image_size: int) -> None:
-        self._arrow = _LazyTable(arrow_dir, dataset, split)
+                 image_size: int, file_name: Optional[str] = None) -> None:
+        self._arrow = _LazyTable(arrow_dir, dataset, split, file_name)
         self.tokenizer = tokenizer
         self.image_size = image_size
         self._rows, self._positions = _flatten(self._arrow.table, column)
@@ -92,19 +93,21 @@ class _PerTextDataset(Dataset):
 class VQADataset(_PerTextDataset):
     """One item per question of vqav2_{split}.arrow, rows then questions in file order."""
 
-    def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int) -> None:
-        super().__init__(arrow_dir, "vqav2", split, "question_id", tokenizer, image_size)
-        self._official, self.official_missing = self._official_annotations(Path(arrow_dir), split)
+    def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int,
+                 file_name: Optional[str] = None) -> None:
+        file_name = file_name or split_filename("vqav2", split)
+        super().__init__(arrow_dir, "vqav2", split, "question_id", tokenizer, image_size, file_name)
+        self._official, self.official_missing = self._official_annotations(Path(arrow_dir), file_name)
 
-    def _official_annotations(self, arrow_dir: Path, split: str) -> Tuple[Optional[_LazyTable], Optional[str]]:
+    def _official_annotations(self, arrow_dir: Path, file_name: str) -> Tuple[Optional[_LazyTable], Optional[str]]:
         """The split's official annotations (engine.data.vqav2.OFFICIAL_SCHEMA), or None and why there are none."""
-        name = official_filename(split_filename("vqav2", split))
+        name = official_filename(file_name)
         if not (arrow_dir / name).is_file():
             return None, (f"no {name} beside the arrow file: the published arrow format keeps only the answers in "
                           f"the label vocabulary; `python -m engine.data vqav2` writes it")
-        official = _LazyTable(arrow_dir, "vqav2", split, file_name=name, kind="vqav2 official annotations")
+        official = _LazyTable(arrow_dir, "vqav2", "", file_name=name, kind="vqav2 official annotations")
         if official.table.column("question_id").to_pylist() != self.question_ids():
-            raise DataError(f"{arrow_dir / name} does not list the questions of {split_filename('vqav2', split)} "
+            raise DataError(f"{arrow_dir / name} does not list the questions of {file_name} "
                             f"in its order; write both again with `python -m engine.data vqav2`")
         return official, None
 
@@ -143,8 +146,9 @@ class VQADataset(_PerTextDataset):
 class KarpathyImageDataset(Dataset):
     """One item per image row of a COCO / Flickr30k Karpathy split (`dataset` "coco" or "f30k")."""
 
-    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, image_size: int) -> None:
-        self._arrow = _LazyTable(arrow_dir, dataset, split)
+    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, image_size: int,
+                 file_name: Optional[str] = None) -> None:
+        self._arrow = _LazyTable(arrow_dir, dataset, split, file_name)
         self.image_size = image_size
 
     def __len__(self) -> int:
@@ -164,8 +168,9 @@ class KarpathyImageDataset(Dataset):
 class KarpathyTextDataset(Dataset):
     """One item per caption of a Karpathy split, with the row index of its image."""
 
-    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, tokenizer: TextTokenizer) -> None:
-        table = read_split(arrow_dir, dataset, split)
+    def __init__(self, arrow_dir: PathLike, dataset: str, split: str, tokenizer: TextTokenizer,
+                 file_name: Optional[str] = None) -> None:
+        table = read_table(Path(arrow_dir) / (file_name or split_filename(dataset, split)), dataset)
         self.tokenizer = tokenizer
         self.image_index, _ = _flatten(table, "caption")
         # Captions are small next to the images: keep them, drop the table.
@@ -187,8 +192,9 @@ class KarpathyTextDataset(Dataset):
 class NLVR2Dataset(_PerTextDataset):
     """One item per sentence of nlvr2_{split}.arrow; `label` is True when the sentence holds."""
 
-    def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int) -> None:
-        super().__init__(arrow_dir, "nlvr2", split, "questions", tokenizer, image_size)
+    def __init__(self, arrow_dir: PathLike, split: str, tokenizer: TextTokenizer, image_size: int,
+                 file_name: Optional[str] = None) -> None:
+        super().__init__(arrow_dir, "nlvr2", split, "questions", tokenizer, image_size, file_name)
 
     def keys(self) -> list:
         """(identifier, question_index) of every item, in item order, without decoding any image.

@@ -4,24 +4,27 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
 from ..layers.attention import key_masking_for
 from ..layers.attention_choice import PER_HEAD, SDPA, choose_attention
 from ..layers.int8 import kernels_for
-from ..layers.quantize import quantize_model
+from ..layers.quantize import calibrate, quantize_model
 from ..layers.checkpoint import convert_checkpoint
 from ..layers.kernels import bf16_matmul_units
 from ..layers.linear import pack_where_faster
 from ..models import MultiwayModel, build_model
+from ..models.tasks import TASKS, Inputs
 from .distributed import ParallelContext
 from .shards import Manifest, load_rank_shard, read_manifest
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # int8 quantises the parallel linears of an fp32 model (engine.layers.quantize); the rest computes in fp32
 INT8 = "int8"
+# int8's calibration batches: (task, model inputs) per forward, the same on every rank
+CalibrationBatches = Iterable[Tuple[str, Inputs]]
 
 
 def default_dtype(device: torch.device) -> str:
@@ -30,12 +33,17 @@ def default_dtype(device: torch.device) -> str:
 
 
 def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Optional[Manifest] = None,
-               key_masking: Optional[str] = None) -> MultiwayModel:
+               key_masking: Optional[str] = None,
+               calibration: Optional[CalibrationBatches] = None) -> MultiwayModel:
     """This rank's model (the family the manifest says), weights checked against the manifest and converted
     into what the model computes with, in `dtype` (or int8: W8A8 linears) on ctx.device, ready for inference.
 
     key_masking: how attention leaves padded keys out (engine.layers.attention) [default: the device's choice].
+    calibration (int8 only): batches the fp32 model runs before quantising; the activation ranges they reach set
+    the smoothing factors instead of the LayerNorm weights (engine.layers.quantize.calibrate).
     """
+    if calibration is not None and dtype != INT8:
+        raise ValueError(f"calibration batches are for int8 only, not {dtype}")
     if dtype == INT8:
         kernels_for(ctx.device)  # a one-line refusal where there is no int8 kernel, before anything loads
     manifest = manifest or read_manifest(shard_dir)
@@ -52,7 +60,12 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
     if dtype == INT8:
         # VLMO_INT8_SMOOTHING=0: no smoothing (to measure what it does)
         smoothing = os.environ.get("VLMO_INT8_SMOOTHING", "1") != "0"
-        model.linear_kernels = quantize_model(model, model.cfg.max_text_len + model.cfg.num_image_tokens, smoothing)
+        ranges = None
+        if smoothing and calibration is not None:
+            ranges = calibrate(model, lambda batch: TASKS[batch[0]].first_output(model, batch[1], ctx.device),
+                               calibration)
+        tokens = model.cfg.max_text_len + model.cfg.num_image_tokens
+        model.linear_kernels = quantize_model(model, tokens, smoothing, ranges)
     elif ctx.device.type == "cpu":
         use_cpu_kernels(model, compute, announce=ctx.is_main)
     if ctx.device.type == "cpu" and compute == torch.float32:  # fp32 and int8 attend in fp32

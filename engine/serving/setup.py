@@ -21,6 +21,7 @@ from ..models.tasks import VQA, served_tasks
 from ..options import option_group
 from ..runtime.graphs import DEFAULT_BUCKETS
 from ..runtime.shards import Manifest, read_manifest
+from ..tasks.calibration import Calibration
 from ..tasks.cli import Engine, UsageError, start_engine
 from ..tasks.tokenizers import make_tokenizer, tokenizer_option
 from .app import ServerState
@@ -176,11 +177,11 @@ def group_channel(engine: Engine, options: ServerOptions) -> Tuple[GroupChannel,
 
 
 def load_rank_zero(state: ServerState, shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int],
-                   timeout_s: float, options: ServerOptions) -> bool:
-    """Rank 0: join the group, load the shard, warm up and hand the group to the runner; False (the runner failed
-    with the reason) when that does not work."""
+                   timeout_s: float, options: ServerOptions, calibration: Optional[Calibration] = None) -> bool:
+    """Rank 0: join the group, load the shard (int8: calibrated on `calibration`), warm up and hand the group to
+    the runner; False (the runner failed with the reason) when that does not work."""
     try:
-        engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
+        engine = start_engine(shard_dir, device, dtype, threads, timeout_s, calibration)
         channel, padded, note = group_channel(engine, options)
     except Exception as exc:  # a bad shard, a peer that never came, a batch too big: one line
         state.runner.fail(f"cannot load {shard_dir}: {exc}")
@@ -195,7 +196,7 @@ def load_rank_zero(state: ServerState, shard_dir: Path, device: str, dtype: Opti
 
 
 def follow_rank_zero(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int],
-                     timeout_s: float, options: ServerOptions) -> None:
-    """Ranks other than 0: join the group, load the shard, warm up as rank 0 does, run its steps until it says
-    stop."""
-    group_channel(start_engine(shard_dir, device, dtype, threads, timeout_s), options)[0].follow()
+                     timeout_s: float, options: ServerOptions, calibration: Optional[Calibration] = None) -> None:
+    """Ranks other than 0: join the group, load the shard (calibrated on the samples rank 0 runs), warm up as rank
+    0 does, run its steps until it says stop."""
+    group_channel(start_engine(shard_dir, device, dtype, threads, timeout_s, calibration), options)[0].follow()

@@ -5,7 +5,7 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 import click
 import torch
@@ -26,6 +26,9 @@ from ..runtime.loading import default_dtype, load_model
 from ..runtime.memory import DeviceMemoryError
 from ..runtime.shards import Manifest, read_manifest
 
+if TYPE_CHECKING:
+    from .calibration import Calibration
+
 
 class UsageError(ValueError):
     """Bad input to a task (a missing tensor, a wrong shape, a split that is not there)."""
@@ -42,6 +45,7 @@ class Engine:
     manifest: Manifest
     dtype: str
     load_s: float  # this rank's time to load its shard
+    calibration: Optional[Dict[str, Any]] = None  # int8's calibration samples (Calibration.identity), if any
 
 
 def engine_options(command: Callable) -> Callable:
@@ -104,15 +108,17 @@ def writable(option: str, path: Path) -> Path:
 
 
 def start_engine(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int],
-                 timeout_s: float) -> Engine:
-    """Read the manifest, join the process group, and load this rank's shard."""
+                 timeout_s: float, calibration: Optional["Calibration"] = None) -> Engine:
+    """Read the manifest, join the process group, and load this rank's shard (int8: calibrated on `calibration`'s
+    samples, engine.tasks.calibration)."""
     manifest = read_manifest(shard_dir)
     ctx = init_parallel(device, manifest.tp, timeout_s, threads)
     dtype, note = pick_dtype(ctx, manifest.config, dtype)
     start = time.perf_counter()
-    model = load_model(shard_dir, ctx, dtype, manifest)
+    model = load_model(shard_dir, ctx, dtype, manifest, calibration=calibration.batches() if calibration else None)
     announce(ctx, note)
-    return Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype, load_s=time.perf_counter() - start)
+    return Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype, load_s=time.perf_counter() - start,
+                  calibration=calibration.identity if calibration else None)
 
 
 def pick_dtype(ctx: ParallelContext, cfg: ModelConfig, requested: Optional[str]) -> Tuple[str, Optional[str]]:

@@ -72,10 +72,15 @@ def results_identity(task: str, split: str, dataset_file: str, keys: Sequence[Ha
     the task, the split, the dataset (its file name, its item count and a hash of every item's key in order, so a
     copy of the same file matches and another dataset does not) and the sha256 of each input file that changes the
     results (`files`: answer table, tokenizer)."""
-    listed = json.dumps([list(k) if isinstance(k, tuple) else k for k in keys]).encode()
     return {"task": task, "split": split,
-            "dataset": {"file": dataset_file, "items": len(keys), "keys_sha256": hashlib.sha256(listed).hexdigest()},
+            "dataset": {"file": dataset_file, "items": len(keys), "keys_sha256": keys_sha256(keys)},
             **{name: sha256_file(Path(path)) for name, path in files.items()}}
+
+
+def keys_sha256(keys: Sequence[Hashable]) -> str:
+    """A hash of the items' keys in order (a key: an int, a str, or a tuple of them)."""
+    listed = json.dumps([list(k) if isinstance(k, tuple) else k for k in keys]).encode()
+    return hashlib.sha256(listed).hexdigest()
 
 
 def open_results(path: Path, identity: Dict[str, Any], key: Union[str, Sequence[str]] = "question_id") -> ResultsWriter:
@@ -105,12 +110,14 @@ def run_resumable(engine: Engine, dataset: Dataset, keys: Sequence[Hashable], st
                   label: str, identity: Dict[str, Any]) -> Optional[Tuple[List[Record], EvalStats]]:
     """Evaluate the `keys` not yet in the results file `out_path`, appending each batch's records as it ends.
 
-    The file records its `identity` (`results_identity`) with the checkpoint and the dtype, and is never
-    continued by a run of another. Returns (every record of the file, this run's stats) on rank 0, None on the
+    The file records its `identity` (`results_identity`) with the checkpoint, the dtype and int8's calibration
+    samples if any, and is never continued by a run of another. Returns (every record of the file, this run's stats) on rank 0, None on the
     other ranks.
     """
     ctx = engine.ctx
     identity = {**identity, "checkpoint": str(engine.manifest.source.get("sha256", "")), "dtype": engine.dtype}
+    if engine.calibration:  # absent otherwise: files of uncalibrated runs keep their identity
+        identity["calibration"] = engine.calibration
     writer = open_results(out_path, identity, key) if ctx.is_main else None
     todo = pending(ctx, writer, keys, noun)
     stats = evaluate(ctx, dataset, todo, step, batch_size=batch_size, num_workers=num_workers,
@@ -176,12 +183,14 @@ def run_info(engine: Engine, shard_dir: Path, batch_size: int) -> Dict[str, Any]
     ctx = engine.ctx
     return {"tp": ctx.tp_size, "dp": ctx.dp_size, "device": str(ctx.device), "dtype": engine.dtype,
             "batch_size": batch_size, "shards": str(shard_dir),
-            "checkpoint_sha256": engine.manifest.source.get("sha256")}
+            "checkpoint_sha256": engine.manifest.source.get("sha256"), "calibration": engine.calibration}
 
 
 def run_title(task: str, run: Dict[str, Any]) -> str:
-    return (f"{task}: tp {run['tp']} x dp {run['dp']} on {run['device']}, {run['dtype']}, "
-            f"batch {run['batch_size']}")
+    calibrated = run.get("calibration")
+    dtype = f"{run['dtype']} calibrated on {calibrated['samples']} samples of {calibrated['file']}" \
+        if calibrated else run["dtype"]
+    return f"{task}: tp {run['tp']} x dp {run['dp']} on {run['device']}, {dtype}, batch {run['batch_size']}"
 
 
 def latency_rows(latency: Optional[Dict[str, float]], unit: str,
