@@ -1,5 +1,5 @@
 """--dtype int8 through the commands on the tiny golden VQA checkpoint: --calibration (engine.vqa at tp 1 and 2, the
-factors it sets, the results identity, refusals; NLVR2 and retrieval files), engine.serve --dtype int8 over HTTP
+factors it sets, the results identity, refusals; NLVR2, retrieval and BEiT-3 files), engine.serve --dtype int8 over HTTP
 against engine.vqa --dtype int8."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from _beit3 import BEIT3, cut
 from _paths import GOLDEN, needs
 from _run import invoke_refused, run_module, run_torchrun, shard_here
 from _serve import Server
@@ -167,25 +168,31 @@ def _nlvr2_file(folder: Path) -> Path:
 
 
 @needs(COCO)
-@pytest.mark.parametrize("case", ["tiny_relpos_nlvr2", "tiny_relpos_irtr_e2e"])
-def test_nlvr2_and_retrieval_files_calibrate_their_heads(case: str, tmp_path: Path) -> None:
-    shard_here(GOLDEN / case / "checkpoint.pt", 1, tmp_path / "shards")
+@needs(BEIT3)
+@pytest.mark.parametrize("case", ["tiny_relpos_nlvr2", "tiny_relpos_irtr_e2e", "tiny_beit3_vqa9"])
+def test_nlvr2_retrieval_and_beit3_files_calibrate_their_heads(case: str, tmp_path: Path) -> None:
+    if case.startswith("tiny_beit3"):
+        cut(case, 1, tmp_path / "shards")
+    else:
+        shard_here(GOLDEN / case / "checkpoint.pt", 1, tmp_path / "shards")
     ctx = init_parallel("cpu", 1, threads=1)
     model = load_model(tmp_path / "shards", ctx, "int8")
     head = model.cfg.tasks[0]
-    path = _nlvr2_file(tmp_path) if head == "nlvr2" else COCO
-    calibration = read_calibration(path, 3, "int8", head, model.cfg, make_tokenizer(model.cfg, None, None))
-    tasks = [task for task, _ in calibration.batches()]
-    # NLVR2: 3 sentences; retrieval: 3 images and 3 captions, each pass through its own experts
-    assert tasks == (["nlvr2"] if head == "nlvr2" else ["image_embedding", "text_embedding"])
-    assert len(calibration.keys) == (3 if head == "nlvr2" else 6)
+    path = {"nlvr2": _nlvr2_file, "irtr": lambda _: COCO, "vqa": lambda _: TRAIN}[head](tmp_path)
+    tokenizer = make_tokenizer(model.cfg, BEIT3 / "tokenizer.spm" if case.startswith("tiny_beit3") else None, None)
+    calibration = read_calibration(path, 3, "int8", head, model.cfg, tokenizer)
+    # 3 samples; retrieval: 3 images and 3 captions, the image-only and the text-only pass each through its experts
+    want = {"nlvr2": ["nlvr2"], "irtr": ["image_embedding", "text_embedding"], "vqa": ["vqa"]}[head]
+    assert [task for task, _ in calibration.batches()] == want and len(calibration.keys) == 3 * len(want)
     calibrated = load_model(tmp_path / "shards", ctx, "int8", calibration=calibration.batches())
     changed = [not torch.equal(a.weight, b.weight) for (a, _), (b, _) in
                zip(calibrated.smoothing_groups(), model.smoothing_groups())]
-    assert any(changed)
+    # unreached: experts the task does not use (VLMo), the Sub-LNs' row-parallel readers (BEiT-3)
+    assert any(changed) and not all(changed), changed
 
 
 def test_bad_calibration_input_is_refused_in_one_line_naming_it(shards, tmp_path: Path) -> None:
+    from engine.retrieval import main as retrieval_main
     from engine.serve import main as serve_main
     from engine.vqa import main as vqa_main
 
@@ -199,9 +206,20 @@ def test_bad_calibration_input_is_refused_in_one_line_naming_it(shards, tmp_path
     invoke_refused(vqa_main, [*base, "--dtype", "fp32", "--calibration", TRAIN], "--calibration", str(TRAIN),
                    "only with --dtype int8")
     invoke_refused(vqa_main, [*base, "--calibration-samples", 8], "--calibration-samples", "only with --calibration")
+    table = pa.ipc.open_file(pa.memory_map(str(ARROW / "vqav2_val.arrow"))).read_all()
+    garbled = table.set_column(table.schema.get_field_index("image"), "image",
+                               pa.array([b"garbled"] * table.num_rows, pa.binary()))
+    undecodable = tmp_path / "vqav2_garbled.arrow"
+    with pa.ipc.new_file(str(undecodable), garbled.schema) as writer:
+        writer.write_table(garbled)
+    invoke_refused(vqa_main, [*base, "--calibration", undecodable], str(undecodable), "no sample to calibrate with")
     served = ["--shards", shards[1], "--answers", ANSWERS, "--device", "cpu", "--dtype", "int8", "--port", 0]
     invoke_refused(serve_main, [*served, "--calibration", COCO], "--calibration", str(COCO), "not a vqav2 arrow file")
-    assert not (tmp_path / "out.jsonl").exists()
+    shard_here(GOLDEN / "tiny_relpos_irtr_e2e" / "checkpoint.pt", 1, tmp_path / "irtr")
+    invoke_refused(retrieval_main, ["--shards", tmp_path / "irtr", "--data", COCO.parent, "--device", "cpu",
+                                    "--dtype", "int8", "--calibration", TRAIN, "--summary", tmp_path / "s.json"],
+                   "--calibration", str(TRAIN), "not a coco arrow file")
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "s.json").exists()
 
 
 QUESTIONS = val_questions()
