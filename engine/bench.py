@@ -18,11 +18,19 @@ def summary_line(report: Dict[str, Any]) -> str:
     return (f"tp {report['tp']} × {report['threads_per_rank']} threads, batch {report['batch_size']}, "
             f"{report['dtype']}: {lat['mean']:.1f} ms mean (p50 {lat['p50']:.1f}, min {lat['min']:.1f}), "
             f"{report['samples_per_s']:.2f} samples/s, {report['achieved_gflop_per_s']:.0f} of "
-            f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%), "
-            f"all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward"
+            f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%)"
+            + _attention_text(report["attention_per_rank"][0])
+            + f", all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward"
             + (f" (Sub-LN statistics {report['subln_allreduce_ms_per_forward']:.1f})"
                if report["subln_allreduce_ms_per_forward"] else "") + f"; {report['cuda_graphs']}"
             + (_agreement_text(report["vs_fp32"]) if "vs_fp32" in report else ""))
+
+
+def _attention_text(attention: Optional[Dict[str, Any]]) -> str:
+    if attention is None:
+        return ""
+    return (f", attention {attention['kernel']} {attention['ms_per_layer']:.1f} ms/layer "
+            f"({100 * attention['fraction_of_peak']:.0f}% of peak, rank 0)")
 
 
 def _agreement_text(vs: Dict[str, Any]) -> str:

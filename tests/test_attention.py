@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.layers.attention import BATCHED, PER_SAMPLE, AttentionOptions, attention, select_keys
+from engine.layers.attention import BATCHED, KERNELS, PER_SAMPLE, AttentionOptions, attention, select_keys
 
 
 def _reference(q, k, v, bias, key_mask, scale):
@@ -24,10 +24,10 @@ def _attention(q, k, v, bias, key_mask, scale, shift, options):
 
 
 @pytest.mark.parametrize("masking", [PER_SAMPLE, BATCHED])
-@pytest.mark.parametrize("per_head_bmm", [False, True])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("pattern", ["prefix", "holes", "none"])
-def test_left_out_keys_equal_masked_softmax(dtype, tolerance, pattern, per_head_bmm, masking) -> None:
+def test_left_out_keys_equal_masked_softmax(dtype, tolerance, pattern, kernel, masking) -> None:
     gen = torch.Generator().manual_seed(0)
     B, h, T, n, d = 3, 2, 6, 9, 8  # a joint pass: T text tokens (maskable), then n image tokens
     N = T + n
@@ -41,7 +41,7 @@ def test_left_out_keys_equal_masked_softmax(dtype, tolerance, pattern, per_head_
         key_mask[0, 1] = key_mask[1, 3:5] = key_mask[2, 0] = 0
     want = _reference(q, k, v, bias, key_mask, d ** -0.5)
     got = _attention(*(t.to(dtype) for t in (q, k, v, bias)), key_mask, d ** -0.5, shift=T,
-                     options=AttentionOptions(masking, per_head_bmm))
+                     options=AttentionOptions(masking, kernel))
     assert got.dtype == dtype
     assert (got.double() - want).abs().max().item() < tolerance
 

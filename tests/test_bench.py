@@ -71,6 +71,13 @@ def test_bench_report_fields(reports: dict, tp: int) -> None:
     assert report["gflop_per_sample"] == pytest.approx(tiny_gflop(), rel=1e-12)
     assert report["achieved_gflop_per_s"] == pytest.approx(report["gflop_per_sample"] * report["samples_per_s"])
     assert report["peak_gflop_per_s"] > 0
+    # the chosen attention kernel, timed apart at the model's shape (2 heads per rank at tp 1, 1 at tp 2)
+    for kernel, attention, peak in zip(report["attention_kernel_per_rank"], report["attention_per_rank"],
+                                       report["peak_gflop_per_s_per_rank"]):
+        assert attention["kernel"] == kernel and attention["ms_per_layer"] > 0
+        flop = 4 * 57 * 57 * 64 // tp  # q kᵀ and p v over N = 57 tokens, D = 64 split over the ranks' heads
+        assert attention["gflop_per_s"] == pytest.approx(flop / attention["ms_per_layer"] / 1e6)
+        assert attention["fraction_of_peak"] == pytest.approx(attention["gflop_per_s"] / peak)
     assert len(report["weights_bytes_per_rank"]) == len(report["peak_rss_bytes_per_rank"]) == tp
     assert all(0 < w < rss for w, rss in zip(report["weights_bytes_per_rank"], report["peak_rss_bytes_per_rank"]))
     # per forward of the 4 layers: one all-reduce after attention, one after the FFN, also in layers 0-1 where

@@ -17,7 +17,8 @@ from _run import invoke_refused, run_module, run_torchrun, shard_here
 from _serve import Server
 from _vqa_requests import ANSWERS, RAW, ask_json, val_questions
 from engine.data.datasets import VQADataset, collate
-from engine.layers.quantize import unpack_linears
+from engine.layers.linear import parallel_linears
+from engine.layers.quantize import FLOAT_LAYERS, unpack_linears
 from engine.layers.smoothing import smoothing_factors, weight_ranges
 from engine.models.tasks import TASKS, VQA
 from engine.runtime.distributed import init_parallel
@@ -119,7 +120,8 @@ def test_a_rerun_with_another_calibration_is_refused_naming_it(shards, runs, tmp
 
 def test_calibration_takes_the_factors_from_the_measured_ranges(shards) -> None:
     """The calibrated model's LayerNorms are γ / s with s from the ranges the samples reach (measured here by hooks of
-    this test's own), the layers no sample reaches keep the weight-only factors."""
+    this test's own), the layers no sample reaches keep the weight-only factors, the layers int8 leaves in fp32 (the
+    first, FLOAT_LAYERS) are not smoothed."""
     ctx = init_parallel("cpu", 1, threads=1)
     fp32 = load_model(shards[1], ctx, "fp32")
     unpack_linears(fp32)
@@ -144,9 +146,13 @@ def test_calibration_takes_the_factors_from_the_measured_ranges(shards) -> None:
     calibrated = list(load_model(shards[1], ctx, "int8", calibration=batches).smoothing_groups())
     weights_only = list(load_model(shards[1], ctx, "int8").smoothing_groups())
     assert 0 < len(reached) < len(groups)  # the VL layers' text and image FFN experts get no VQA token
+    kept = {id(m) for block in fp32.encoder_layers()[:FLOAT_LAYERS] for m in parallel_linears(block)}
+    assert FLOAT_LAYERS < fp32.cfg.depth and any(id(readers[0]) in kept for _, readers in groups)
     for i, (norm, readers) in enumerate(groups):
         got, plain = calibrated[i][0].weight, weights_only[i][0].weight
-        if i in reached:
+        if id(readers[0]) in kept:
+            assert torch.equal(got, norm.weight) and torch.equal(plain, norm.weight)
+        elif i in reached:
             s = smoothing_factors(reached[i], weight_ranges([m.weight for m in readers]))
             torch.testing.assert_close(got, norm.weight / s, rtol=1e-5, atol=1e-7)
             assert not torch.allclose(got, plain, rtol=1e-3)

@@ -11,6 +11,12 @@ Padded text keys get no weight, by one of two exact means, chosen per device (At
   for VLMo-base) costs more there than the mask's memory traffic.
 
 Both give masked keys exactly zero weight (exp(−inf) = 0), so they agree to rounding.
+
+Three kernels compute softmax(q kᵀ + B) v itself, and which is fastest depends on the CPU, its BLAS, the dtype
+and the thread count, so the loader times them (engine.layers.attention_choice): torch's fused SDPA, and two
+per-head loops whose scores [N, M] stay near the cache: torch.bmm (oneDNN's matmul in bf16, the BLAS's in fp32)
+and oneDNN's linear on the head's keys and values as they lie (on an AMD EPYC in fp32, 1.8× the fused kernel:
+there the BLAS's small-K GEMMs reach half of oneDNN's rate).
 """
 from __future__ import annotations
 
@@ -20,15 +26,18 @@ from typing import List, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .kernels import onednn_matmul
+
 KeyIndex = Union[slice, torch.Tensor]
 PER_SAMPLE, BATCHED = "per-sample", "batched"
+SDPA, PER_HEAD_BMM, PER_HEAD_ONEDNN = "sdpa", "per_head_bmm", "per_head_onednn"
 
 
 @dataclass
 class AttentionOptions:
     """How a model's attention layers run; one object shared by all of them, set by the loader."""
     key_masking: str = PER_SAMPLE  # PER_SAMPLE or BATCHED
-    per_head_bmm: bool = False  # bf16 on CPUs whose oneDNN has bf16 matmuls: per-head bmm beats the fused kernel
+    kernel: str = SDPA  # SDPA, PER_HEAD_BMM or PER_HEAD_ONEDNN
 
 
 def key_masking_for(device: torch.device) -> str:
@@ -78,9 +87,10 @@ def attention(qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor], keys:
     if keys.shift:  # the key order the position bias is stored in
         k, v = k.roll(-keys.shift, dims=2), v.roll(-keys.shift, dims=2)
     if keys.per_sample is not None:
-        out = torch.cat([_attend(q[b:b + 1], k[b:b + 1, :, kept], v[b:b + 1, :, kept],
-                                 None if bias is None else bias[..., kept], options)
-                         for b, kept in enumerate(keys.per_sample)])
+        parts = [_attend(q[b:b + 1], k[b:b + 1, :, kept], v[b:b + 1, :, kept],
+                         None if bias is None else bias[..., kept], options)
+                 for b, kept in enumerate(keys.per_sample)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
     else:
         mask = keys.additive_mask
         if mask is not None:
@@ -94,20 +104,40 @@ def attention(qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor], keys:
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
             options: AttentionOptions) -> torch.Tensor:
     """softmax(q kᵀ + bias) v for q [B, h, N, d], k and v [B, h, M, d], bias broadcastable to [B, h, N, M]."""
-    if options.per_head_bmm:
-        return _attend_bmm(q, k, v, bias)
+    return KERNELS[options.kernel](q, k, v, bias)
+
+
+def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
 def _attend_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # oneDNN's bf16 bmm + softmax, one head at a time so that its scores stay in L2, beat the fused flash
-    # kernel on CPUs with bf16 matmul units; in fp32, or without such units, the fused kernel wins.
     out = torch.empty_like(q)
     for j in range(q.shape[1]):
         kt = k[:, j].transpose(1, 2)
         if bias is None:
             scores = torch.bmm(q[:, j], kt)
         else:
-            scores = torch.baddbmm(bias[:, min(j, bias.shape[1] - 1)], q[:, j], kt)  # a key mask has one head
+            scores = torch.baddbmm(bias[:, min(j, bias.shape[1] - 1)].expand(q.shape[0], -1, -1), q[:, j], kt)
         torch.bmm(scores.softmax(-1), v[:, j], out=out[:, j])
     return out
+
+
+def _attend_onednn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # q kᵀ is a linear with the keys as its weight [M, d], p v one with vᵀ [d, M] (a view). Views of qkv, whose
+    # rows are 3·h·d apart, take oneDNN's reference path (1000× slower): each is made contiguous once.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, h, N, M = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if bias is not None:
+        bias = bias.expand(B, h, N, M)
+    out = torch.empty_like(q)
+    for b in range(B):
+        for j in range(h):
+            scores = onednn_matmul(q[b, j], k[b, j])
+            if bias is not None:
+                scores.add_(bias[b, j])
+            out[b, j] = onednn_matmul(scores.softmax(-1), v[b, j].t())
+    return out
+
+
+KERNELS = {SDPA: _attend_sdpa, PER_HEAD_BMM: _attend_bmm, PER_HEAD_ONEDNN: _attend_onednn}

@@ -1,37 +1,44 @@
-"""Which attention kernel runs in fp32 on this CPU (fp32 and int8 models), chosen by timing at load.
+"""Which attention kernel runs on this CPU, chosen by timing at load, as the linears' kernels are.
 
-torch's fused SDPA kernel and per-head matmuls (oneDNN's bmm with the softmax between, each head's scores
-small enough for L2; engine.layers.attention) trade places with the CPU, the thread count and the token count,
-so each rank times both on one layer's attention of its own heads at one sample's tokens, with a
-relative-position bias where the model has one, and the model's attention options take the faster.
+The fused SDPA kernel and the per-head loops (engine.layers.attention) trade places with the CPU, its BLAS,
+the dtype, the thread count and the token count, so each rank times every kernel that runs here on one
+layer's attention of its own heads at one sample's tokens, in the model's compute dtype, with a
+relative-position bias where the model has one, and the model's attention options take the fastest.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .attention import AttentionOptions, _attend
-from .kernels import best_seconds
+from .attention import PER_HEAD_BMM, PER_HEAD_ONEDNN, SDPA, AttentionOptions, _attend
+from .kernels import best_seconds, onednn_matmuls
 
-SDPA, PER_HEAD = "sdpa", "per_head_bmm"
+# The fused kernel stays unless another wins by this fraction: single timings on a busy machine jitter.
 SWITCH_MARGIN = 0.1
 
 
-def time_attention(heads: int, tokens: int, head_dim: int, bias: bool) -> Dict[str, float]:
-    """Seconds of one fp32 attention over [1, heads, tokens, head_dim] with each kernel."""
-    q, k, v = (torch.randn(1, heads, tokens, head_dim) for _ in range(3))
-    b = torch.randn(1, heads, tokens, tokens) if bias else None
-    return {name: best_seconds(lambda: _attend(q, k, v, b, AttentionOptions(per_head_bmm=per_head)))
-            for name, per_head in ((SDPA, False), (PER_HEAD, True))}
+def kernels_here(dtype: torch.dtype) -> Tuple[str, ...]:
+    return (SDPA, PER_HEAD_BMM, PER_HEAD_ONEDNN) if onednn_matmuls(dtype) else (SDPA, PER_HEAD_BMM)
 
 
-def choose_attention(model: torch.nn.Module) -> str:
-    """Time both kernels for this model's attention shape, set the faster in its options; its name."""
+def time_attention(heads: int, tokens: int, head_dim: int, bias: bool, dtype: torch.dtype = torch.float32,
+                   kernels: Optional[Sequence[str]] = None, repeats: int = 3) -> Dict[str, float]:
+    """Seconds of one attention over [1, heads, tokens, head_dim] with each of `kernels` [default: every kernel
+    that runs here]. q, k and v are views of one qkv tensor, as the model's are."""
+    qkv = torch.randn(1, tokens, 3, heads, head_dim).to(dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    b = torch.randn(1, heads, tokens, tokens).to(dtype) if bias else None
+    return {kernel: best_seconds(lambda: _attend(q, k, v, b, AttentionOptions(kernel=kernel)), repeats)
+            for kernel in kernels or kernels_here(dtype)}
+
+
+def choose_attention(model: torch.nn.Module, dtype: torch.dtype) -> str:
+    """Time the kernels for this model's attention shape in `dtype`, set the fastest in its options; its name."""
     cfg = model.cfg
     times = time_attention(cfg.num_heads // model.ctx.tp_size, cfg.max_text_len + cfg.num_image_tokens,
-                           cfg.head_dim, model.has_position_bias)
-    # the fused kernel stays unless the per-head one wins clearly: single timings on a busy machine jitter
-    best = PER_HEAD if times[PER_HEAD] * (1 + SWITCH_MARGIN) <= times[SDPA] else SDPA
-    model.attention_options.per_head_bmm = best == PER_HEAD
+                           cfg.head_dim, model.has_position_bias, dtype)
+    fastest = min(times, key=times.get)
+    best = fastest if times[fastest] * (1 + SWITCH_MARGIN) <= times[SDPA] else SDPA
+    model.attention_options.kernel = best
     return best

@@ -47,9 +47,11 @@ def quantize_tokens(x: torch.Tensor, zero_point: int = 0) -> Tuple[torch.Tensor,
     """(int8 [M, K], fp32 scale [M, 1]) of x [M, K], symmetric per row (token); an all-zero row stays zero.
     zero_point 128: the same integers shifted into uint8 (oneDNN's activation type)."""
     # Few passes, each one op: with several threads every op is a parallel region, and on a busy machine each
-    # region can stall on a descheduled thread. |x / scale| ≤ 127 by construction, so no clamp is needed.
+    # region can stall on a descheduled thread. max|x| as max(amax, −amin): torch's vector_norm(inf) and
+    # aminmax take 20-30× longer on the CPU. |x / scale| ≤ 127 by construction, so no clamp is needed.
     x = x.float()
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+    scale = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
+    scale.clamp_min_(torch.finfo(torch.float32).tiny)
     q = torch.mul(x, QMAX / scale).round_()
     return (q.add_(zero_point).to(torch.uint8) if zero_point else q.to(torch.int8)), scale.div_(QMAX)
 

@@ -57,6 +57,24 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, torch.nn.Module], bias: 
     return F.gelu(out) if gelu else out
 
 
+def onednn_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x weightᵀ through oneDNN's linear on a weight that is not packed (any strides): attention's per-head
+    products, whose "weights" are a sample's keys and values."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_matmuls(dtype: torch.dtype) -> bool:
+    """Whether this torch and CPU run `onednn_matmul` in `dtype` (tried on a tiny strided weight)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        onednn_matmul(torch.ones(2, 16, dtype=dtype), torch.ones(16, 8, dtype=dtype).t())
+    except RuntimeError:
+        return False
+    return True
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """The weight re-laid out for oneDNN's linear (a CPU tensor that no longer moves or changes dtype)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
@@ -115,12 +133,17 @@ def choose_kernels(layers: Iterable[Tuple[LinearKey, torch.Tensor]], tokens: int
 
 
 def gemm_peak_gflops(shapes: Iterable[Tuple[int, int, int]], dtype: torch.dtype, repeats: int = 5) -> float:
-    """Best torch.mm rate over (M, K, N) GEMMs in `dtype` on this process's threads, weights [N, K] as the
-    model keeps them (x Wᵀ) or [K, N], whichever is faster."""
+    """Best GEMM rate over (M, K, N) shapes in `dtype` on this process's threads, by any kernel that runs here:
+    torch.mm with the weight [N, K] as the model keeps it (x Wᵀ) or [K, N], and oneDNN's linear on the
+    weight packed (the loader's choice where it is faster; on an AMD EPYC in fp32 twice torch.mm's rate)."""
     best = 0.0
     for m, k, n in shapes:
         x = torch.randn(m, k).to(dtype)
         w = torch.randn(n, k).to(dtype)
-        for rhs in (w.t(), w.t().contiguous()):
-            best = max(best, 2 * m * k * n / best_seconds(lambda: torch.mm(x, rhs), repeats) / 1e9)
+        runs = [lambda rhs=rhs: torch.mm(x, rhs) for rhs in (w.t(), w.t().contiguous())]
+        if onednn_packs(dtype):
+            packed = pack(w)
+            runs.append(lambda: linear(x, packed))
+        for run in runs:
+            best = max(best, 2 * m * k * n / best_seconds(run, repeats) / 1e9)
     return best

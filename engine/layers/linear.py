@@ -104,8 +104,9 @@ def _kernel_key(layer: ParallelLinear) -> LinearKey:
 
 def _packable(model: nn.Module) -> Iterator[ParallelLinear]:
     for layer in parallel_linears(model):
-        if (layer.weight.device.type == "cpu" and layer.weight.dtype in (torch.float32, torch.bfloat16)
-                and not layer.weight.is_mkldnn):
+        weight = layer.weight  # an int8 layer's is a module (engine.layers.int8)
+        if (isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
+                and weight.dtype in (torch.float32, torch.bfloat16) and not weight.is_mkldnn):
             yield layer
 
 

@@ -11,7 +11,7 @@ import abc
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -89,6 +89,7 @@ class MultiwayModel(nn.Module, metaclass=abc.ABCMeta):
         self.attention_options = AttentionOptions()  # shared by every attention layer; set by the loader
         self.linear_kernels: Dict[str, str] = {}
         self.attention_kernel: Optional[str] = None
+        self.compute_dtype = torch.float32  # of the matmuls and attention (set_compute_dtype)
 
     @abc.abstractmethod
     def vqa(self, text_ids: torch.Tensor, text_masks: torch.Tensor,
@@ -112,6 +113,10 @@ class MultiwayModel(nn.Module, metaclass=abc.ABCMeta):
         """Modules besides the parallel linears whose matmuls run in the compute dtype (patch embeddings...)."""
         return []
 
+    @abc.abstractmethod
+    def encoder_layers(self) -> Sequence[nn.Module]:
+        """The transformer blocks, input first (int8 keeps the first in floating point)."""
+
     def smoothing_groups(self) -> List[Tuple[nn.Module, List[ParallelLinear]]]:
         """Each LayerNorm whose output only parallel linears read, with those linears: where int8 smoothing
         can fold its per-channel factors exactly (engine.layers.smoothing)."""
@@ -123,6 +128,7 @@ class MultiwayModel(nn.Module, metaclass=abc.ABCMeta):
         round to steps of 1/64 near 2 — coarser than the top-2 margins of real VQA answers."""
         for module in list(parallel_linears(self)) + self.compute_dtype_modules():
             module.to(dtype)
+        self.compute_dtype = dtype
         return self
 
     @property

@@ -9,9 +9,9 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from ..layers.attention import key_masking_for
-from ..layers.attention_choice import PER_HEAD, SDPA, choose_attention
+from ..layers.attention_choice import choose_attention
 from ..layers.int8 import kernels_for
-from ..layers.quantize import calibrate, quantize_model
+from ..layers.quantize import FLOAT_LAYERS, calibrate, quantize_model
 from ..layers.checkpoint import convert_checkpoint
 from ..layers.kernels import bf16_matmul_units
 from ..layers.linear import pack_where_faster
@@ -58,31 +58,32 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
     model = model.to(device=ctx.device).set_compute_dtype(compute).eval()
     model.attention_options.key_masking = key_masking or key_masking_for(ctx.device)
     if dtype == INT8:
-        # VLMO_INT8_SMOOTHING=0: no smoothing (to measure what it does)
+        # VLMO_INT8_SMOOTHING=0: no smoothing; VLMO_INT8_FLOAT_LAYERS=N: the first N layers in fp32 (to measure)
         smoothing = os.environ.get("VLMO_INT8_SMOOTHING", "1") != "0"
+        float_layers = int(os.environ.get("VLMO_INT8_FLOAT_LAYERS", FLOAT_LAYERS))
         ranges = None
         if smoothing and calibration is not None:
             ranges = calibrate(model, lambda batch: TASKS[batch[0]].first_output(model, batch[1], ctx.device),
                                calibration)
         tokens = model.cfg.max_text_len + model.cfg.num_image_tokens
-        model.linear_kernels = quantize_model(model, tokens, smoothing, ranges)
+        model.linear_kernels = quantize_model(model, tokens, smoothing, ranges, float_layers=float_layers)
+        if ctx.device.type == "cpu":  # the layers int8 leaves in fp32
+            fp32 = pack_where_faster(model, tokens=tokens)
+            model.linear_kernels.update({f"fp32 {shape}": kernel for shape, kernel in fp32.items()})
     elif ctx.device.type == "cpu":
         use_cpu_kernels(model, compute, announce=ctx.is_main)
-    if ctx.device.type == "cpu" and compute == torch.float32:  # fp32 and int8 attend in fp32
-        model.attention_kernel = choose_attention(model)
+    if ctx.device.type == "cpu":  # int8 attends in fp32
+        model.attention_kernel = choose_attention(model, compute)
     return model
 
 
 def use_cpu_kernels(model: MultiwayModel, dtype: torch.dtype, announce: bool = False) -> None:
-    """Pick this CPU's faster kernels: packed oneDNN or plain linears per GEMM shape, timed on one sample's
-    joint pass; bf16 attention as per-head matmuls where oneDNN has bf16 matmuls."""
+    """Pick this CPU's faster linear kernels: packed oneDNN or plain linears per GEMM shape, timed on one
+    sample's joint pass."""
     cfg = model.cfg
     model.linear_kernels = pack_where_faster(model, tokens=cfg.max_text_len + cfg.num_image_tokens)
     if dtype == torch.bfloat16:
-        units = bf16_matmul_units()
-        model.attention_options.per_head_bmm = units
-        model.attention_kernel = PER_HEAD if units else SDPA
-        if not units and announce:
+        if not bf16_matmul_units() and announce:
             print("note: oneDNN has no bf16 matmul on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; "
                   "AVX512-BF16 or AMX to be fast): bf16 runs on torch's generic kernels, slower than fp32",
                   file=sys.stderr)

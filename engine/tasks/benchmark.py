@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..layers.attention_choice import time_attention
 from ..layers.int8 import gemm_peak_gops
 from ..layers.kernels import bf16_matmul_units, gemm_peak_gflops, record_gemm_shapes
 from ..models import ModelConfig, MultiwayModel, family_of
@@ -102,6 +103,19 @@ def peak_gflops(shapes: List[Tuple[int, int, int]], dtype: str, device: torch.de
         torch.mm(a, b)
     getattr(torch, device.type).synchronize(device)
     return 10 * 2 * m * k * n / (time.perf_counter() - start) / 1e9
+
+
+def attention_rate(model: MultiwayModel, device: torch.device, peak: float) -> Optional[Dict[str, Any]]:
+    """One layer's attention of this rank's heads at one sample's tokens, with the kernel the loader chose, timed
+    apart from the forward (CPU): its ms, GFLOP/s (q kᵀ and p v) and fraction of this rank's GEMM peak."""
+    if device.type != "cpu":
+        return None
+    cfg, kernel = model.cfg, model.attention_options.kernel
+    heads, tokens = cfg.num_heads // model.ctx.tp_size, cfg.max_text_len + cfg.num_image_tokens
+    seconds = time_attention(heads, tokens, cfg.head_dim, model.has_position_bias, model.compute_dtype, (kernel,),
+                             repeats=5)[kernel]
+    rate = 4 * tokens * tokens * cfg.head_dim * heads / seconds / 1e9
+    return {"kernel": kernel, "ms_per_layer": 1e3 * seconds, "gflop_per_s": rate, "fraction_of_peak": rate / peak}
 
 
 def device_name(device: torch.device) -> str:
@@ -220,6 +234,7 @@ def bench_engine(engine: Engine, shard_dir: Path, task: str, batch_size: int, wa
     ctx.barrier()
     shapes, outputs = recorded_forward(model, task, inputs)  # the peak's shapes and --check-fp32's outputs at once
     peak = peak_gflops(shapes, dtype, ctx.device)
+    attention = attention_rate(model, ctx.device, peak if dtype != "int8" else peak_gflops(shapes, "fp32", ctx.device))
     accuracy = compare_fp32(shard_dir, engine, task, inputs, outputs) \
         if check_fp32 and dtype != "fp32" else None
     mine = {
@@ -227,7 +242,7 @@ def bench_engine(engine: Engine, shard_dir: Path, task: str, batch_size: int, wa
         "subln_s": timed["subln_s"], "peak": peak,
         "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes([*model.parameters(), *model.buffers()]),
         "position_bias": _module_bytes(model.cached_position_biases()),
-        "linear_kernels": model.linear_kernels, "attention_kernel": model.attention_kernel,
+        "linear_kernels": model.linear_kernels, "attention_kernel": model.attention_kernel, "attention": attention,
         "gemm_shapes": [list(shape) for shape in shapes],
         "cuda_graphs": graphs.mode(task, batch_size), "device_memory": graphs.memory.report(),
     }
@@ -261,6 +276,8 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfi
         "peak_gemm_shapes": ranks[0]["gemm_shapes"],
         "linear_kernels_per_rank": [r["linear_kernels"] for r in ranks],
         "attention_kernel_per_rank": [r["attention_kernel"] for r in ranks],
+        # CPU: one layer's attention with that kernel timed apart, against the rank's (fp32 for int8) GEMM peak
+        "attention_per_rank": [r["attention"] for r in ranks],
         "fraction_of_peak": gflop * samples_per_s / peak,
         "weights_bytes_per_rank": [r["weights"] for r in ranks],
         "cuda_graphs": ranks[0]["cuda_graphs"],

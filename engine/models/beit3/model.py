@@ -189,6 +189,9 @@ class BEiT3(MultiwayModel):
     def compute_dtype_modules(self) -> List[nn.Module]:
         return [self.beit3.vision_embed.proj]
 
+    def encoder_layers(self) -> Sequence[nn.Module]:
+        return self.beit3.encoder.layers
+
     def smoothing_groups(self) -> List[Tuple[nn.Module, List[ParallelLinear]]]:
         # per expert: qkv reads self_attn_layer_norm, out_proj the Sub-LN inner_attn_ln, fc1 final_layer_norm,
         # fc2 the Sub-LN ffn_layernorm (a Sub-LN's chunk on this rank feeds this rank's columns only)

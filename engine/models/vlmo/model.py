@@ -8,7 +8,7 @@ Attention heads and FFN columns are this rank's slice; everything else is replic
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +194,9 @@ class VLMo(MultiwayModel):
 
     def compute_dtype_modules(self) -> List[nn.Module]:
         return [self.transformer.patch_embed, self.text_embeddings.word_embeddings]
+
+    def encoder_layers(self) -> Sequence[nn.Module]:
+        return self.transformer.blocks
 
     def smoothing_groups(self) -> List[Tuple[nn.Module, List[ParallelLinear]]]:
         # qkv reads norm1, each expert's fc1 its norm2; proj (attention output) and fc2 (GELU's) read no norm
