@@ -124,3 +124,30 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tiny_tp2: Path, tmp_path
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     assert not _our_traceback(log.read_text()), log.read_text()
+
+
+LEAVES_GROUP = """
+import atexit, sys
+from engine.runtime.distributed import init_parallel
+from engine.tasks.cli import one_line_errors
+
+@one_line_errors
+def main():
+    init_parallel("cpu", 2, 30.0)
+    atexit.register(lambda: print("interpreter teardown", file=sys.stderr, flush=True))
+    print("done", file=sys.stderr, flush=True)
+
+main()
+"""
+
+
+def test_a_finished_rank_leaves_its_group_without_interpreter_teardown(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the final barrier the group is gone (dist.is_initialized() is False), but gloo's threads may still run:
+    interpreter teardown can then abort a finished rank ('terminate called without an active exception', seen in the
+    suite under load), so a rank leaves by os._exit: its atexit handlers never run."""
+    (tmp_path / "leaves_group.py").write_text(LEAVES_GROUP)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    ran = run_torchrun(2, "leaves_group", [])
+    assert ran.returncode == 0 and ran.stderr.count("done") == 2, ran.stderr
+    assert "interpreter teardown" not in ran.stderr

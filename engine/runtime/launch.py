@@ -32,11 +32,12 @@ def this_launch() -> Launch:
                   int(env.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def exit_process(code: int) -> NoReturn:
-    """End this process with `code`, output flushed. A rank of a process group skips interpreter teardown:
-    gloo's threads can abort a finished process there ("terminate called without an active exception")."""
+def exit_process(code: int, grouped: bool = False) -> NoReturn:
+    """End this process with `code`, output flushed. A rank of a process group (one now, or `grouped`: one that
+    has just left it) skips interpreter teardown: gloo's threads can abort a finished process there ("terminate
+    called without an active exception")."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if dist.is_initialized():
+    if grouped or dist.is_initialized():
         os._exit(code)
     sys.exit(code)

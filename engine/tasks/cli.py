@@ -149,7 +149,7 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
             leave(str(exc), failed=False)
         if not dist.is_initialized():
             return result
-        shutdown()
-        exit_process(0)  # every output is written and fsynced by now
+        shutdown()  # leaves the group: is_initialized() is False from here, gloo's threads may still run
+        exit_process(0, grouped=True)  # every output is written and fsynced by now
 
     return wrapper
