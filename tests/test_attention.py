@@ -72,7 +72,7 @@ def test_attention_kernel_choice_takes_the_fastest_clear_winner(monkeypatch, tim
 
     asked = {}
 
-    def fake_times(heads, tokens, head_dim, bias, dtype):
+    def fake_times(heads, tokens, head_dim, bias, dtype, repeats):
         asked.update(heads=heads, tokens=tokens, bias=bias, dtype=dtype)
         return times
 
