@@ -58,3 +58,35 @@ def test_batched_masking_gives_padded_keys_no_weight() -> None:
     keys = select_keys(key_mask, 4, AttentionOptions(BATCHED))  # rolled: [1, 1, 1, 1, 1, 0, 0]
     assert keys.per_sample is None
     assert keys.additive_mask.flatten().tolist() == [0, 0, 0, 0, 0, float("-inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("times,chosen", [
+    ({"sdpa": 35.0, "per_head_bmm": 34.0, "per_head_onednn": 20.0}, "per_head_onednn"),  # this AMD host, fp32
+    ({"sdpa": 35.0, "per_head_bmm": 14.0, "per_head_onednn": 14.2}, "per_head_bmm"),  # bf16 with bf16 units
+    ({"sdpa": 10.0, "per_head_bmm": 9.5, "per_head_onednn": 12.0}, "sdpa"),  # within the 10 % margin: kept
+])
+def test_attention_kernel_choice_takes_the_fastest_clear_winner(monkeypatch, times, chosen) -> None:
+    from types import SimpleNamespace
+
+    from engine.layers import attention_choice
+
+    asked = {}
+
+    def fake_times(heads, tokens, head_dim, bias, dtype, repeats):
+        asked.update(heads=heads, tokens=tokens, bias=bias, dtype=dtype)
+        return times
+
+    monkeypatch.setattr(attention_choice, "time_attention", fake_times)
+    cfg = SimpleNamespace(num_heads=12, max_text_len=40, num_image_tokens=901, head_dim=64)
+    model = SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(tp_size=2), has_position_bias=True,
+                            attention_options=AttentionOptions())
+    assert attention_choice.choose_attention(model, torch.bfloat16) == chosen
+    assert model.attention_options.kernel == chosen
+    assert asked == {"heads": 6, "tokens": 941, "bias": True, "dtype": torch.bfloat16}  # this rank's heads
+
+
+def test_every_kernel_that_runs_here_is_timed() -> None:
+    from engine.layers.attention_choice import kernels_here, time_attention
+
+    times = time_attention(2, 12, 8, bias=True, repeats=1)
+    assert set(times) == set(kernels_here(torch.float32)) and all(t > 0 for t in times.values())

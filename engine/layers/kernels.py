@@ -54,7 +54,7 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, torch.nn.Module], bias: 
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")
     out = F.linear(x, weight, bias)
-    return F.gelu(out) if gelu else out
+    return torch.ops.aten.gelu_(out) if gelu else out  # in place: a fresh output would cost page faults
 
 
 def onednn_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
