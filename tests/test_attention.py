@@ -77,7 +77,7 @@ def test_attention_kernel_choice_takes_the_fastest_clear_winner(monkeypatch, tim
         return times
 
     monkeypatch.setattr(attention_choice, "time_attention", fake_times)
-    cfg = SimpleNamespace(num_heads=12, max_text_len=40, num_image_tokens=901, head_dim=64)
+    cfg = SimpleNamespace(num_heads=12, joint_tokens=40 + 901, head_dim=64)
     model = SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(tp_size=2), has_position_bias=True,
                             attention_options=AttentionOptions())
     assert attention_choice.choose_attention(model, torch.bfloat16) == chosen

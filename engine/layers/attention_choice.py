@@ -38,8 +38,8 @@ def time_attention(heads: int, tokens: int, head_dim: int, bias: bool, dtype: to
 def choose_attention(model: torch.nn.Module, dtype: torch.dtype) -> str:
     """Time the kernels for this model's attention shape in `dtype`, set the fastest in its options; its name."""
     cfg = model.cfg
-    times = time_attention(cfg.num_heads // model.ctx.tp_size, cfg.max_text_len + cfg.num_image_tokens,
-                           cfg.head_dim, model.has_position_bias, dtype, repeats=CHOICE_REPEATS)
+    times = time_attention(cfg.num_heads // model.ctx.tp_size, cfg.joint_tokens, cfg.head_dim, model.has_position_bias,
+                           dtype, repeats=CHOICE_REPEATS)
     fastest = min(times, key=times.get)
     best = fastest if times[fastest] * (1 + SWITCH_MARGIN) <= times[SDPA] else SDPA
     model.attention_options.kernel = best

@@ -57,6 +57,11 @@ class ModelConfigBase:
         return self.grid ** 2 + 1
 
     @property
+    def joint_tokens(self) -> int:
+        """T + n: one sample's tokens in the joint pass, the shape the load-time kernel choices are timed at."""
+        return self.max_text_len + self.num_image_tokens
+
+    @property
     def tasks(self) -> Tuple[str, ...]:
         """Task heads present in the checkpoint, in a fixed order."""
         present = {"vqa": bool(self.vqa_labels), "nlvr2": self.nlvr2, "irtr": self.retrieval}

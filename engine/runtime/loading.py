@@ -65,7 +65,7 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
         if smoothing and calibration is not None:
             ranges = calibrate(model, lambda batch: TASKS[batch[0]].first_output(model, batch[1], ctx.device),
                                calibration)
-        tokens = model.cfg.max_text_len + model.cfg.num_image_tokens
+        tokens = model.cfg.joint_tokens
         model.linear_kernels = quantize_model(model, tokens, smoothing, ranges, float_layers=float_layers)
         if ctx.device.type == "cpu":  # the layers int8 leaves in fp32
             fp32 = pack_where_faster(model, tokens=tokens)
@@ -80,8 +80,7 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
 def use_cpu_kernels(model: MultiwayModel, dtype: torch.dtype, announce: bool = False) -> None:
     """Pick this CPU's faster linear kernels: packed oneDNN or plain linears per GEMM shape, timed on one
     sample's joint pass."""
-    cfg = model.cfg
-    model.linear_kernels = pack_where_faster(model, tokens=cfg.max_text_len + cfg.num_image_tokens)
+    model.linear_kernels = pack_where_faster(model, tokens=model.cfg.joint_tokens)
     if dtype == torch.bfloat16:
         if not bf16_matmul_units() and announce:
             print("note: oneDNN has no bf16 matmul on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; "

@@ -49,7 +49,7 @@ def forward_gflop(cfg: ModelConfig, task: str) -> float:
         return cfg.depth * per_layer
 
     patches = 2 * (cfg.grid ** 2) * (3 * P * P) * D
-    joint = encoder(cfg.max_text_len + cfg.num_image_tokens) + patches + 2 * D * D  # + pooler
+    joint = encoder(cfg.joint_tokens) + patches + 2 * D * D  # + pooler
     if task == "vqa":
         total = joint + 2 * (D * 2 * D + 2 * D * cfg.vqa_labels)
     elif task == "nlvr2":
@@ -111,7 +111,7 @@ def attention_rate(model: MultiwayModel, device: torch.device, peak: float) -> O
     if device.type != "cpu":
         return None
     cfg, kernel = model.cfg, model.attention_options.kernel
-    heads, tokens = cfg.num_heads // model.ctx.tp_size, cfg.max_text_len + cfg.num_image_tokens
+    heads, tokens = cfg.num_heads // model.ctx.tp_size, cfg.joint_tokens
     seconds = time_attention(heads, tokens, cfg.head_dim, model.has_position_bias, model.compute_dtype, (kernel,),
                              repeats=5)[kernel]
     rate = 4 * tokens * tokens * cfg.head_dim * heads / seconds / 1e9
@@ -265,7 +265,7 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfi
         "batch_size": batch_size, "dtype": dtype, "task": task, "device": device_name(ctx.device),
         "torch": torch.__version__, "warmup": warmup, "iters": iters,
         "model": {"family": cfg.family, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
-                  "image_size": cfg.image_size, "tokens": cfg.max_text_len + cfg.num_image_tokens},
+                  "image_size": cfg.image_size, "tokens": cfg.joint_tokens},
         "latency_ms": latency,
         "latency_ms_per_sample": latency["mean"] / batch_size,
         "samples_per_s": samples_per_s,

@@ -131,7 +131,7 @@ def pick_dtype(ctx: ParallelContext, cfg: ModelConfig, requested: Optional[str])
             kernels_for(ctx.device)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    return choose(ctx, requested, (cfg.ffn_dim // ctx.tp_size, cfg.embed_dim), cfg.max_text_len + cfg.num_image_tokens)
+    return choose(ctx, requested, (cfg.ffn_dim // ctx.tp_size, cfg.embed_dim), cfg.joint_tokens)
 
 
 def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:

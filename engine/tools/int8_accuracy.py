@@ -24,6 +24,7 @@ from ..layers.quantize import calibrate, quantize_model, unpack_linears
 from ..models.tasks import TASKS, VQA
 from ..runtime.distributed import ParallelContext, init_parallel
 from ..runtime.loading import load_model
+from ..runtime.shards import read_manifest
 
 OUTLIER_CHANNELS = (1, 100, 383, 700)
 GOLDEN_VQA = "vqav2_val_preprocessed.safetensors"
@@ -86,9 +87,10 @@ def study(shard_dir: Path, ctx: ParallelContext, inputs: Dict[str, torch.Tensor]
             plant_outliers(model, factor)
         return model
 
-    cfg = fresh(False).cfg
-    tokens = cfg.max_text_len + cfg.num_image_tokens
-    want = logits(fresh(False), inputs)
+    reference = fresh(False)
+    tokens = reference.cfg.joint_tokens
+    want = logits(reference, inputs)
+    del reference
     results: Dict[str, Dict[str, float]] = {}
     for name in variants:
         planted, smooth, calibrated = VARIANTS[name]
@@ -119,7 +121,7 @@ def main(shard_dir: Path, golden: Path, synthetic: int, factor: float, variants:
         except OutputPathError as exc:
             raise click.ClickException(str(exc)) from None
     ctx = init_parallel("cpu", 1, threads=threads)
-    cfg = load_model(shard_dir, ctx, "fp32").cfg
+    cfg = read_manifest(shard_dir).config
     inputs = evaluation_inputs(cfg, golden, synthetic)
     calibration = synthetic_inputs(cfg, "vqa", 4, torch.device("cpu"), seed=2)  # not among the evaluated
     click.echo(f"{inputs['text_ids'].shape[0]} samples ({cfg.family}, image {cfg.image_size})")
