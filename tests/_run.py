@@ -69,9 +69,11 @@ def shard_here(checkpoint: Path, tp: int, out: Path, *extra: object) -> None:
 
 
 def forward_many(tp: int, items: Sequence[dict], plan: Path) -> None:
-    """engine.forward for every item (shards, inputs, out[, task, dtype]) in one torchrun launch of tp ranks."""
+    """engine.forward for every item (shards, inputs, out[, task, dtype]) in one torchrun launch of tp ranks; at tp 1
+    one process alone, as `python -m engine.forward` runs there (torchrun's launcher would cost seconds of start-up)."""
     plan.write_text(json.dumps([{k: str(v) for k, v in item.items()} for item in items]))
-    ran = subprocess.run([*_launcher(tp), str(Path(__file__).with_name("_forward_many.py")), str(plan)], cwd=REPO,
+    launch = _launcher(tp) if tp > 1 else [sys.executable]
+    ran = subprocess.run([*launch, str(Path(__file__).with_name("_forward_many.py")), str(plan)], cwd=REPO,
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0, ran.stderr
 

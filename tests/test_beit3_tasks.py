@@ -32,8 +32,8 @@ def _shards(case: str, tp: int, out: Path) -> Path:
 def _forward(shards: Path, tensors: dict, folder: Path, task: str) -> dict:
     inputs, outputs = folder / f"{task}.in.safetensors", folder / f"{task}.out.safetensors"
     save_file(tensors, str(inputs))
-    ran = run_torchrun(1, "engine.forward", ["--shards", shards, "--inputs", inputs, "--out", outputs, "--task", task,
-                                             "--device", "cpu", "--dtype", "fp32"])
+    ran = run_module("engine.forward", ["--shards", shards, "--inputs", inputs, "--out", outputs, "--task", task,
+                                        "--device", "cpu", "--dtype", "fp32"])
     assert ran.returncode == 0, ran.stderr
     return load_file(str(outputs))
 

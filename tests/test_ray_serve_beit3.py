@@ -11,7 +11,7 @@ import pytest
 
 from _paths import GOLDEN, needs
 from _ray_serve import RayServer, expected_replies, golden_replies, session
-from _run import shard
+from _run import shard_here
 from _vqa_requests import ANSWERS, RAW, val_questions
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (make install installs it)")
@@ -25,8 +25,7 @@ pytestmark = [needs(CHECKPOINT), needs(EXPECTED), needs(RAW), needs(SPM)]
 
 def test_one_replica_at_tp_2_answers_every_golden_question_then_stops_with_its_ray(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
-    done = shard(CHECKPOINT, 2, shards, "--num-heads", 4)
-    assert done.returncode == 0, done.stderr
+    shard_here(CHECKPOINT, 2, shards, "--num-heads", 4)
     server = RayServer(["--shards", shards, "--answers", ANSWERS, "--tokenizer", SPM, "--dtype", "fp32",
                         "--max-batch-size", 8, "--max-wait-ms", 50])
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from _paths import GOLDEN, needs
-from _run import invoke_refused, run_torchrun, shard
+from _run import invoke_refused, run_torchrun, shard_here
 from _serve import Server, in_parallel
 from _vqa_requests import ANSWERS, RAW, ask_chat, ask_json, val_questions
 
@@ -42,8 +42,7 @@ def test_the_tokenizers_count_untruncated_tokens_as_the_published_tokenisation_d
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serve_beit3") / "shards"
-    done = shard(CHECKPOINT, 2, out, "--num-heads", 4)
-    assert done.returncode == 0, done.stderr
+    shard_here(CHECKPOINT, 2, out, "--num-heads", 4)
     return out
 
 

@@ -34,7 +34,7 @@ def source():
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_shard_then_merge_is_bit_exact(source, tp: int, tmp_path: Path) -> None:
     cfg, weights = source
-    assert shard(CASE / "checkpoint.pt", tp, tmp_path / "s").returncode == 0
+    shard_here(CASE / "checkpoint.pt", tp, tmp_path / "s")
     merged = merge_shards(tmp_path / "s")
     assert set(merged) == set(weights)
     for name, tensor in weights.items():
@@ -61,7 +61,7 @@ def test_each_rank_holds_its_own_heads(source, tmp_path: Path) -> None:
 @needs_golden
 def test_manifest_describes_the_shards(source, tmp_path: Path) -> None:
     cfg, _ = source
-    assert shard(CASE / "checkpoint.pt", 2, tmp_path / "s").returncode == 0
+    shard_here(CASE / "checkpoint.pt", 2, tmp_path / "s")
     data = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert data["tp"] == 2 and data["format_version"] == 1
     assert data["config"]["num_heads"] == cfg.num_heads
@@ -84,11 +84,11 @@ def test_tp_that_does_not_divide_heads_is_refused(tmp_path: Path) -> None:
 @needs_golden
 def test_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "s"
-    assert shard(CASE / "checkpoint.pt", 1, out).returncode == 0
+    shard_here(CASE / "checkpoint.pt", 1, out)
     again = shard(CASE / "checkpoint.pt", 2, out)
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert read_manifest(out).tp == 1
-    assert shard(CASE / "checkpoint.pt", 2, out, "--overwrite").returncode == 0
+    shard_here(CASE / "checkpoint.pt", 2, out, "--overwrite")
     assert read_manifest(out).tp == 2 and sorted(p.name for p in out.iterdir()) == [
         "manifest.json", "rank-00-of-02.safetensors", "rank-01-of-02.safetensors"]
 
@@ -96,7 +96,7 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
 @pytest.fixture()
 def tampered(tmp_path: Path) -> Path:
     out = tmp_path / "s"
-    assert shard(CASE / "checkpoint.pt", 2, out).returncode == 0
+    shard_here(CASE / "checkpoint.pt", 2, out)
     victim = out / "rank-01-of-02.safetensors"
     data = bytearray(victim.read_bytes())
     data[-100] ^= 0xFF  # one flipped bit in a weight
@@ -123,7 +123,7 @@ def test_tampered_shard_is_refused_by_the_engine(tampered: Path, tmp_path: Path)
 @needs_golden
 def test_only_the_own_shard_is_read(tmp_path: Path) -> None:
     out = tmp_path / "s"
-    assert shard(CASE / "checkpoint.pt", 2, out).returncode == 0
+    shard_here(CASE / "checkpoint.pt", 2, out)
     (out / "rank-01-of-02.safetensors").unlink()  # rank 0 must not need it
     tensors = load_rank_shard(out, 0, 2)
     assert tensors["transformer.blocks.0.attn.q_bias"].shape == (32,)
@@ -132,7 +132,7 @@ def test_only_the_own_shard_is_read(tmp_path: Path) -> None:
 @needs_golden
 def test_group_size_must_match_the_manifest(tmp_path: Path) -> None:
     out = tmp_path / "s"
-    assert shard(CASE / "checkpoint.pt", 2, out).returncode == 0
+    shard_here(CASE / "checkpoint.pt", 2, out)
     with pytest.raises(ShardingError, match="cut for tp=2 but the tensor-parallel group has 4"):
         load_rank_shard(out, 0, 4)
     # a launch whose world is not a multiple of the shards' tp
