@@ -34,20 +34,23 @@ def tiny_tp2(tmp_path_factory) -> Path:
 
 
 @needs(TINY)
-def test_a_failed_rank_is_named_once_and_the_others_leave_quietly(tiny_tp2: Path, tmp_path: Path) -> None:
+def test_a_tampered_shard_fails_its_rank_named_once_and_the_others_leave_quietly(tiny_tp2: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The engine's refusal of a tampered shard (its sha256 in the manifest) and the fault handling around it, in
+    one launch."""
     shards = tmp_path / "shards"
     shards.mkdir()
     for f in tiny_tp2.iterdir():
         (shards / f.name).write_bytes(f.read_bytes())
     victim = shards / "rank-01-of-02.safetensors"
     data = bytearray(victim.read_bytes())
-    data[-100] ^= 0xFF
+    data[-100] ^= 0xFF  # one flipped bit in a weight
     victim.write_bytes(bytes(data))
     ran = run_torchrun(2, "engine.forward", ["--shards", shards, "--inputs", TINY / "inputs.safetensors",
                                              "--out", tmp_path / "o.safetensors", "--device", "cpu"])
     assert ran.returncode != 0
     errors = [line for line in ran.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "rank-01-of-02.safetensors" in errors[0], ran.stderr
+    assert len(errors) == 1 and "rank-01-of-02.safetensors: sha256 does not match" in errors[0], ran.stderr
     others = [line for line in ran.stderr.splitlines() if line.startswith("stopped:")]
     assert all(line == "stopped: rank 1 failed, see its error" for line in others), ran.stderr
     assert not _our_traceback(ran.stderr), ran.stderr
