@@ -13,27 +13,36 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from _paths import REPO
 from _run import _env, run_module
 
 
-def test_demo_runs_the_vqa_pipeline_and_says_the_weights_are_random(tmp_path: Path) -> None:
-    ran = run_module("engine.demo", ["--model", "tiny", "--workdir", tmp_path])
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """One demo workdir for the module: the demo builds its assets there, `make serve` then finds them cached (as
+    after a user's `make demo`), and no test builds them twice."""
+    return tmp_path_factory.mktemp("demo")
+
+
+def test_demo_runs_the_vqa_pipeline_and_says_the_weights_are_random(workdir: Path) -> None:
+    ran = run_module("engine.demo", ["--model", "tiny", "--workdir", workdir])
     assert ran.returncode == 0, ran.stderr
     assert "RANDOM" in ran.stdout and "VQA score" in ran.stdout
     for step in ("python -m engine.data vqav2", "make shard", "torchrun --standalone --nproc-per-node 2 -m engine.vqa"):
         assert step in ran.stderr
-    [summary_path] = (tmp_path / "results").glob("*.summary.json")
+    [summary_path] = (workdir / "results").glob("*.summary.json")
     summary = json.loads(summary_path.read_text())
     assert summary["questions"] == summary["answered"] == 18
     assert (summary["run"]["tp"], summary["latency"]["batches"]) == (2, 9)
 
 
-def test_ctrl_c_on_make_serve_stops_the_server_quietly_with_exit_0(tmp_path: Path) -> None:
+def test_ctrl_c_on_make_serve_stops_the_server_quietly_with_exit_0(workdir: Path) -> None:
     # A terminal of its own (a pty), as a person has: Ctrl-C is the byte 0x03, which the terminal turns into
     # SIGINT for its foreground process group.
     master, slave = pty.openpty()
-    job = subprocess.Popen(["make", "-s", "serve", f"DEMO_ARGS=--model tiny --workdir {tmp_path} --port 0"],
+    job = subprocess.Popen(["make", "-s", "serve", f"DEMO_ARGS=--model tiny --workdir {workdir} --port 0"],
                            cwd=REPO, env=_env(), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     os.close(slave)
