@@ -58,14 +58,32 @@ def shard(checkpoint: Path, tp: int, out: Path, *extra: object) -> subprocess.Co
     return run_module("sharding", ["--checkpoint", checkpoint, "--tp", tp, "--out", out, *extra])
 
 
-def shard_here(checkpoint: Path, tp: int, out: Path, *extra: object) -> None:
-    """`python -m sharding` in this process (no interpreter start-up), for tests that cut many shard dirs."""
+def run_here(command, args: Sequence[object]) -> subprocess.CompletedProcess:
+    """A click command run in this process (no interpreter start-up), reported as `run_module` reports the same
+    command run as `python -m`. An exception other than the command's own exit fails here: in a subprocess it
+    would have printed a traceback."""
     from click.testing import CliRunner
 
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout unless told not to
+    except TypeError:
+        runner = CliRunner()
+    result = runner.invoke(command, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    return subprocess.CompletedProcess(list(map(str, args)), result.exit_code, result.stdout, result.stderr)
+
+
+def shard_in_process(checkpoint: Path, tp: int, out: Path, *extra: object) -> subprocess.CompletedProcess:
+    """`shard`, run in this process (`run_here`)."""
     from sharding.__main__ import main
 
-    result = CliRunner().invoke(main, [str(a) for a in ["--checkpoint", checkpoint, "--tp", tp, "--out", out, *extra]])
-    assert result.exit_code == 0, result.output
+    return run_here(main, ["--checkpoint", checkpoint, "--tp", tp, "--out", out, *extra])
+
+
+def shard_here(checkpoint: Path, tp: int, out: Path, *extra: object) -> None:
+    """`python -m sharding` in this process, for tests that only need the shards."""
+    done = shard_in_process(checkpoint, tp, out, *extra)
+    assert done.returncode == 0, done.stderr
 
 
 def forward_many(tp: int, items: Sequence[dict], plan: Path) -> None:

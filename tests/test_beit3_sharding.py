@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from _paths import GOLDEN, needs
-from _run import shard, shard_here
+from _run import shard_here, shard_in_process
 from _shards import merge_shards
 from engine.models.beit3.config import BEiT3Config
 from engine.models import checkpoint_layout
@@ -47,7 +47,7 @@ def test_beit3_checkpoint_with_code_in_its_pickle_is_refused(tmp_path: Path) -> 
     torch.save({"model": weights, "epoch": 3, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
                 "args": argparse.Namespace(model="beit3_base_patch16_480_vqav2", hook=_RunsCode(marker))}, evil)
     out = tmp_path / "shards"
-    refused = shard(evil, 1, out, "--num-heads", 4)
+    refused = shard_in_process(evil, 1, out, "--num-heads", 4)
     assert refused.returncode != 0 and "refusing" in refused.stderr and "system" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     assert not marker.exists() and not out.exists()
@@ -68,7 +68,7 @@ def test_published_containers_with_optimizer_state_and_args(tmp_path: Path, cont
 
 def test_plan_cuts_heads_and_ffn_and_replicates_the_rest(tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    done = shard(CHECKPOINT, 2, out, "--num-heads", 4)
+    done = shard_in_process(CHECKPOINT, 2, out, "--num-heads", 4)
     assert done.returncode == 0, done.stderr
     assert "mask_token" in done.stderr  # unused, listed as skipped
     full = read_checkpoint(CHECKPOINT).state_dict
@@ -95,6 +95,6 @@ def test_plan_cuts_heads_and_ffn_and_replicates_the_rest(tmp_path: Path) -> None
 
 def test_unknown_head_count_names_the_flag(tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    refused = shard(CHECKPOINT, 1, out)
+    refused = shard_in_process(CHECKPOINT, 1, out)
     assert refused.returncode != 0 and "--num-heads" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1

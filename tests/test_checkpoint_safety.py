@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _paths import GOLDEN
-from _run import shard
+from _run import shard_in_process
 from sharding.checkpoint import read_checkpoint
 from engine.runtime.errors import ShardingError
 
@@ -58,7 +58,7 @@ def test_pickle_that_would_run_code_is_refused_without_running(tmp_path: Path) -
     with pytest.raises(ShardingError, match="system"):
         read_checkpoint(evil)
     out = tmp_path / "shards"
-    _assert_refused(shard(evil, 1, out), out, str(evil), "refusing")
+    _assert_refused(shard_in_process(evil, 1, out), out, str(evil), "refusing")
     assert not marker.exists()
 
 
@@ -81,7 +81,7 @@ def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
     out = tmp_path / "shards"
-    _assert_refused(shard(truncated, 2, out), out, str(truncated))
+    _assert_refused(shard_in_process(truncated, 2, out), out, str(truncated))
 
 
 @pytest.mark.parametrize("content", [b"", b"this is not a checkpoint\n", pickle.dumps([1, 2, 3])])
@@ -89,12 +89,12 @@ def test_non_checkpoint_files_are_refused(tmp_path: Path, content: bytes) -> Non
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(content)
     out = tmp_path / "shards"
-    _assert_refused(shard(bogus, 1, out), out, str(bogus))
+    _assert_refused(shard_in_process(bogus, 1, out), out, str(bogus))
 
 
 def test_missing_checkpoint_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    _assert_refused(shard(tmp_path / "nope.pt", 1, out), out, "nope.pt", "no such")
+    _assert_refused(shard_in_process(tmp_path / "nope.pt", 1, out), out, "nope.pt", "no such")
 
 
 @needs_golden
@@ -105,7 +105,7 @@ def test_missing_weights_are_named(tmp_path: Path) -> None:
     partial = tmp_path / "partial.pt"
     torch.save({"state_dict": weights}, partial)
     out = tmp_path / "shards"
-    _assert_refused(shard(partial, 1, out), out, "transformer.blocks.1.attn.proj.weight", "missing")
+    _assert_refused(shard_in_process(partial, 1, out), out, "transformer.blocks.1.attn.proj.weight", "missing")
 
 
 @needs_golden
@@ -139,7 +139,7 @@ def test_non_finite_weight_is_refused_naming_the_tensor(tmp_path: Path) -> None:
     victim = "transformer.blocks.2.mlp_vl.fc1.weight"
     path = _resaved(tmp_path, lambda w: w[victim].view(-1).__setitem__(7, float("nan")))
     out = tmp_path / "shards"
-    _assert_refused(shard(path, 2, out), out, str(path), victim, "1 NaN", "non-finite")
+    _assert_refused(shard_in_process(path, 2, out), out, str(path), victim, "1 NaN", "non-finite")
 
 
 @pytest.mark.parametrize("bad, count", [(float("inf"), "0 NaN and 2 infinite"), (float("-inf"), "0 NaN and 2 infinite")])
@@ -171,7 +171,7 @@ def test_flipped_byte_inside_a_tensor_is_refused_naming_the_member(tmp_path: Pat
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(bytes(data))
     out = tmp_path / "shards"
-    _assert_refused(shard(corrupt, 1, out), out, str(corrupt), member, "CRC-32", "corrupt")
+    _assert_refused(shard_in_process(corrupt, 1, out), out, str(corrupt), member, "CRC-32", "corrupt")
 
 
 def test_directory_as_checkpoint_is_named_a_directory(tmp_path: Path) -> None:
@@ -179,7 +179,7 @@ def test_directory_as_checkpoint_is_named_a_directory(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "vlmo_base_patch16_480_vqa.pt").write_bytes(b"x")
     out = tmp_path / "shards"
-    _assert_refused(shard(folder, 1, out), out, "is a directory", "vlmo_base_patch16_480_vqa.pt")
+    _assert_refused(shard_in_process(folder, 1, out), out, "is a directory", "vlmo_base_patch16_480_vqa.pt")
 
 
 def test_random_bytes_are_not_a_checkpoint_rather_than_a_safety_refusal(tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ def test_random_bytes_are_not_a_checkpoint_rather_than_a_safety_refusal(tmp_path
     noise.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(3),
                                           dtype=torch.uint8).tolist()))
     out = tmp_path / "shards"
-    result = shard(noise, 1, out)
+    result = shard_in_process(noise, 1, out)
     _assert_refused(result, out, str(noise), "not a PyTorch checkpoint")
     assert "refusing" not in result.stderr
 
@@ -201,7 +201,7 @@ def test_stale_staging_directories_of_the_target_are_removed(tmp_path: Path) -> 
     for folder in stale + [other]:
         folder.mkdir()
         (folder / "rank-00-of-01.safetensors").write_bytes(b"half written")
-    result = shard(LIGHTNING_CASE, 1, out)
+    result = shard_in_process(LIGHTNING_CASE, 1, out)
     assert result.returncode == 0, result.stderr
     assert not any(p.exists() for p in stale) and other.is_dir()
     for folder in stale:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from _paths import GOLDEN
-from _run import run_module, run_torchrun, shard, shard_here
+from _run import run_here, run_module, run_torchrun, shard, shard_here, shard_in_process
 from sharding.checkpoint import read_checkpoint
+from sharding.verify import main as verify_main
 from engine.runtime.errors import ShardingError
 from engine.models.vlmo.infer import infer_config
 from sharding.weights import select_weights
@@ -75,7 +76,7 @@ def test_manifest_describes_the_shards(source, tmp_path: Path) -> None:
 
 @needs_golden
 def test_tp_that_does_not_divide_heads_is_refused(tmp_path: Path) -> None:
-    result = shard(CASE / "checkpoint.pt", 3, tmp_path / "s")
+    result = shard(CASE / "checkpoint.pt", 3, tmp_path / "s")  # `python -m sharding` itself, once
     assert result.returncode != 0
     assert "tp=3 does not divide" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "s").exists()
@@ -85,7 +86,7 @@ def test_tp_that_does_not_divide_heads_is_refused(tmp_path: Path) -> None:
 def test_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "s"
     shard_here(CASE / "checkpoint.pt", 1, out)
-    again = shard(CASE / "checkpoint.pt", 2, out)
+    again = shard_in_process(CASE / "checkpoint.pt", 2, out)
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert read_manifest(out).tp == 1
     shard_here(CASE / "checkpoint.pt", 2, out, "--overwrite")
@@ -106,7 +107,7 @@ def tampered(tmp_path: Path) -> Path:
 
 @needs_golden
 def test_tampered_shard_is_refused_by_verify(tampered: Path) -> None:
-    result = run_module("sharding.verify", [tampered])
+    result = run_here(verify_main, [tampered])
     assert result.returncode != 0
     assert "rank-01-of-02.safetensors" in result.stderr and "sha256" in result.stderr
 
@@ -144,7 +145,7 @@ def _edit_manifest(shard_dir: Path, edit) -> None:
 
 
 def _refused_by_verify_and_loader(shard_dir: Path, *fragments: str) -> None:
-    result = run_module("sharding.verify", [shard_dir])
+    result = run_here(verify_main, [shard_dir])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert all(f in result.stderr for f in fragments), result.stderr
     with pytest.raises(ShardingError) as refused:
@@ -185,6 +186,6 @@ def test_verify_finds_non_finite_weights_in_shards(tmp_path: Path) -> None:
     tensors[victim][3, 5] = float("nan")
     save_file(tensors, str(shard_file))
     _edit_manifest(out, lambda m: m["files"][1].update(sha256=sha256_file(shard_file)))
-    result = run_module("sharding.verify", [out])
+    result = run_here(verify_main, [out])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "rank-01-of-02.safetensors" in result.stderr and victim in result.stderr and "1 NaN" in result.stderr
