@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _paths import GOLDEN, REPO, needs
-from _run import run_module
+from _run import run_here, run_module
 
 
 @needs(GOLDEN)
@@ -53,7 +53,9 @@ def test_the_dry_run_runs_every_step_and_writes_the_report(tmp_path: Path) -> No
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_without_cuda_the_gpu_run_is_refused_in_one_line(tmp_path: Path) -> None:
-    ran = run_module("engine.tools.gpu_check", ["--out", tmp_path], timeout=120)
+    from engine.tools.gpu_check import main
+
+    ran = run_here(main, ["--out", tmp_path])  # in this process: the refusal comes before any step runs
     assert ran.returncode == 1
     assert ran.stderr.strip().splitlines() == ["Error: no CUDA device is visible to torch (for a dry run on the "
                                                "CPU: --device cpu --quick)"]
