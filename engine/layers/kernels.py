@@ -4,7 +4,8 @@ oneDNN can hold a weight pre-packed for its own GEMM and fuse the bias and GELU 
 some CPUs and shapes and loses on others (AVX2 hosts, narrow shards), and oneDNN has no bf16 GEMM at
 all on CPUs without AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT. So rather than guess from the ISA, the loader
 asks oneDNN whether it can pack this dtype here, then times both kernels on each of the model's GEMM
-shapes and packs only the shapes where the packed kernel is faster. `ONEDNN_MAX_CPU_ISA=AVX2` makes an
+shapes and packs only the shapes where the packed kernel is faster (by every rank's timings summed: all
+ranks must run the same kernels, or the slower keeps the others waiting at each all-reduce). `ONEDNN_MAX_CPU_ISA=AVX2` makes an
 AVX-512 machine behave as an AVX2 one for oneDNN (tests use it to take the path of CPUs without bf16).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Callable, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,14 @@ REPEATS = 3
 PLAIN_MARGIN = 0.1
 # Keys: the weight shape, whether the layer has a bias, whether GELU follows.
 LinearKey = Tuple[Tuple[int, int], bool, bool]
+# What a rank does with its timings {key: {kernel: seconds}} before choosing: the loader passes
+# ParallelContext.summed_over_ranks, so that every rank of a job runs the same kernels.
+Agree = Callable[[Dict[Any, Dict[str, float]]], Dict[Any, Dict[str, float]]]
+
+
+def alone(seconds: Dict[Any, Dict[str, float]]) -> Dict[Any, Dict[str, float]]:
+    """One process's own timings, as they are."""
+    return seconds
 
 
 # (M, K, N) of every linear() call while record_gemm_shapes is active (engine.bench reads the forward's own shapes)
@@ -121,15 +130,15 @@ def time_linear(tokens: int, weight: torch.Tensor, bias: bool, gelu: bool) -> Di
     return times
 
 
-def choose_kernels(layers: Iterable[Tuple[LinearKey, torch.Tensor]], tokens: int) -> Dict[LinearKey, str]:
+def choose_kernels(layers: Iterable[Tuple[LinearKey, torch.Tensor]], tokens: int,
+                   agree: Agree = alone) -> Dict[LinearKey, str]:
     """The faster kernel for each distinct (shape, bias, gelu), timed at `tokens` rows on one of its weights."""
-    choice: Dict[LinearKey, str] = {}
+    seconds: Dict[LinearKey, Dict[str, float]] = {}
     for key, weight in layers:
-        if key not in choice:
-            times = time_linear(tokens, weight, key[1], key[2])
-            packed_wins = ONEDNN in times and times[ONEDNN] * (1 - PLAIN_MARGIN) <= times[ATEN]
-            choice[key] = ONEDNN if packed_wins else ATEN
-    return choice
+        if key not in seconds:
+            seconds[key] = time_linear(tokens, weight, key[1], key[2])
+    return {key: ONEDNN if ONEDNN in times and times[ONEDNN] * (1 - PLAIN_MARGIN) <= times[ATEN] else ATEN
+            for key, times in agree(seconds).items()}
 
 
 def gemm_peak_gflops(shapes: Iterable[Tuple[int, int, int]], dtype: torch.dtype, repeats: int = 5) -> float:
