@@ -119,7 +119,7 @@ def _attend_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optiona
             scores = torch.bmm(q[:, j], kt)
         else:
             scores = torch.baddbmm(bias[:, min(j, bias.shape[1] - 1)].expand(q.shape[0], -1, -1), q[:, j], kt)
-        torch.bmm(scores.softmax(-1), v[:, j], out=out[:, j])
+        torch.bmm(torch.softmax(scores, -1, out=scores), v[:, j], out=out[:, j])
     return out
 
 
@@ -136,7 +136,8 @@ def _attend_onednn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
             scores = onednn_matmul(q[b, j], k[b, j])
             if bias is not None:
                 scores.add_(bias[b, j])
-            out[b, j] = onednn_matmul(scores.softmax(-1), v[b, j].t())
+            # the softmax in place: a fresh [N, M] output per head costs the page faults of writing new memory
+            out[b, j] = onednn_matmul(torch.softmax(scores, -1, out=scores), v[b, j].t())
     return out
 
 

@@ -3,7 +3,8 @@
 The fused SDPA kernel and the per-head loops (engine.layers.attention) trade places with the CPU, its BLAS,
 the dtype, the thread count and the token count, so each rank times every kernel that runs here on one
 layer's attention of its own heads at one sample's tokens, in the model's compute dtype, with a
-relative-position bias where the model has one, and the model's attention options take the fastest.
+relative-position bias where the model has one, and the model's attention options take the fastest by the
+timings summed over the ranks (the loader's `agree`), so that every rank runs the same kernel.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .attention import PER_HEAD_BMM, PER_HEAD_ONEDNN, SDPA, AttentionOptions, _attend
-from .kernels import best_seconds, onednn_matmuls
+from .kernels import Agree, alone, best_seconds, onednn_matmuls
 
 # The fused kernel stays unless another wins by this fraction: single timings on a busy machine jitter.
 SWITCH_MARGIN = 0.1
@@ -35,11 +36,12 @@ def time_attention(heads: int, tokens: int, head_dim: int, bias: bool, dtype: to
             for kernel in kernels or kernels_here(dtype)}
 
 
-def choose_attention(model: torch.nn.Module, dtype: torch.dtype) -> str:
+def choose_attention(model: torch.nn.Module, dtype: torch.dtype, agree: Agree = alone) -> str:
     """Time the kernels for this model's attention shape in `dtype`, set the fastest in its options; its name."""
     cfg = model.cfg
     times = time_attention(cfg.num_heads // model.ctx.tp_size, cfg.joint_tokens, cfg.head_dim, model.has_position_bias,
                            dtype, repeats=CHOICE_REPEATS)
+    times = agree({"attention": times})["attention"]
     fastest = min(times, key=times.get)
     best = fastest if times[fastest] * (1 + SWITCH_MARGIN) <= times[SDPA] else SDPA
     model.attention_options.kernel = best

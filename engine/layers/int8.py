@@ -24,7 +24,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from .kernels import best_seconds
+from .kernels import Agree, alone, best_seconds
 
 INT_MM, ONEDNN = "int_mm", "onednn"
 QMAX = 127
@@ -155,19 +155,18 @@ def _synced(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def choose_kernels(weights: Iterable[torch.Tensor], tokens: int) -> Dict[Shape, str]:
+def choose_kernels(weights: Iterable[torch.Tensor], tokens: int, agree: Agree = alone) -> Dict[Shape, str]:
     """The fastest kernel for each distinct weight shape, timed at `tokens` rows on one weight of it."""
-    choice: Dict[Shape, str] = {}
+    seconds: Dict[Shape, Dict[str, float]] = {}
     for weight in weights:
         shape = tuple(weight.shape)
-        if shape not in choice:
+        if shape not in seconds:
             kernels = kernels_for(weight.device)
             if weight.is_cuda and (shape[0] % CUDA_ALIGN or shape[1] % CUDA_ALIGN):
                 raise ValueError(f"--dtype int8 on CUDA needs linear sizes that are multiples of {CUDA_ALIGN}, "
                                  f"not {shape[0]}x{shape[1]}")
-            times = time_kernels(weight, tokens, kernels) if len(kernels) > 1 else {kernels[0]: 0.0}
-            choice[shape] = min(times, key=times.get)
-    return choice
+            seconds[shape] = time_kernels(weight, tokens, kernels) if len(kernels) > 1 else {kernels[0]: 0.0}
+    return {shape: min(times, key=times.get) for shape, times in agree(seconds).items()}
 
 
 def gemm_peak_gops(shapes: Iterable[Tuple[int, int, int]], device: torch.device, repeats: int = 5) -> float:

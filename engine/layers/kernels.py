@@ -4,15 +4,17 @@ oneDNN can hold a weight pre-packed for its own GEMM and fuse the bias and GELU 
 some CPUs and shapes and loses on others (AVX2 hosts, narrow shards), and oneDNN has no bf16 GEMM at
 all on CPUs without AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT. So rather than guess from the ISA, the loader
 asks oneDNN whether it can pack this dtype here, then times both kernels on each of the model's GEMM
-shapes and packs only the shapes where the packed kernel is faster. `ONEDNN_MAX_CPU_ISA=AVX2` makes an
+shapes and packs only the shapes where the packed kernel is faster (by every rank's timings summed: all
+ranks must run the same kernels, or the slower keeps the others waiting at each all-reduce). `ONEDNN_MAX_CPU_ISA=AVX2` makes an
 AVX-512 machine behave as an AVX2 one for oneDNN (tests use it to take the path of CPUs without bf16).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import time
-from typing import Callable, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +26,29 @@ REPEATS = 3
 PLAIN_MARGIN = 0.1
 # Keys: the weight shape, whether the layer has a bias, whether GELU follows.
 LinearKey = Tuple[Tuple[int, int], bool, bool]
+# What a rank does with its timings {key: {kernel: seconds}} before choosing: the loader passes
+# ParallelContext.summed_over_ranks, so that every rank of a job runs the same kernels.
+Agree = Callable[[Dict[Any, Dict[str, float]]], Dict[Any, Dict[str, float]]]
 
 
-# (M, K, N) of every linear() call while record_gemm_shapes is active (engine.bench reads the forward's own shapes)
-_recorded: Optional[Set[Tuple[int, int, int]]] = None
+def alone(seconds: Dict[Any, Dict[str, float]]) -> Dict[Any, Dict[str, float]]:
+    """One process's own timings, as they are."""
+    return seconds
+
+
+# Every linear() call while record_gemms is active, counted by (M, K, N, int8): engine.bench reads the forward's
+# own GEMMs (their shapes for the peak, the int8 ones' FLOPs for int8's roofline)
+Gemm = Tuple[int, int, int, bool]
+_recorded: Optional["collections.Counter[Gemm]"] = None
 
 
 @contextlib.contextmanager
-def record_gemm_shapes() -> Iterator[Set[Tuple[int, int, int]]]:
-    """Collect the GEMM shapes the linears run inside the block."""
+def record_gemms() -> Iterator["collections.Counter[Gemm]"]:
+    """Count the GEMMs the linears run inside the block."""
     global _recorded
-    _recorded = shapes = set()
+    _recorded = gemms = collections.Counter()
     try:
-        yield shapes
+        yield gemms
     finally:
         _recorded = None
 
@@ -47,7 +59,8 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, torch.nn.Module], bias: 
 
     A weight that is a module (engine.layers.int8.Int8Linear) computes the whole step itself."""
     if _recorded is not None:
-        _recorded.add((x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]))
+        # a weight that is a module is an int8 layer's
+        _recorded[(x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], isinstance(weight, torch.nn.Module))] += 1
     if isinstance(weight, torch.nn.Module):
         return weight(x, bias, gelu)
     if weight.is_mkldnn:
@@ -121,15 +134,15 @@ def time_linear(tokens: int, weight: torch.Tensor, bias: bool, gelu: bool) -> Di
     return times
 
 
-def choose_kernels(layers: Iterable[Tuple[LinearKey, torch.Tensor]], tokens: int) -> Dict[LinearKey, str]:
+def choose_kernels(layers: Iterable[Tuple[LinearKey, torch.Tensor]], tokens: int,
+                   agree: Agree = alone) -> Dict[LinearKey, str]:
     """The faster kernel for each distinct (shape, bias, gelu), timed at `tokens` rows on one of its weights."""
-    choice: Dict[LinearKey, str] = {}
+    seconds: Dict[LinearKey, Dict[str, float]] = {}
     for key, weight in layers:
-        if key not in choice:
-            times = time_linear(tokens, weight, key[1], key[2])
-            packed_wins = ONEDNN in times and times[ONEDNN] * (1 - PLAIN_MARGIN) <= times[ATEN]
-            choice[key] = ONEDNN if packed_wins else ATEN
-    return choice
+        if key not in seconds:
+            seconds[key] = time_linear(tokens, weight, key[1], key[2])
+    return {key: ONEDNN if ONEDNN in times and times[ONEDNN] * (1 - PLAIN_MARGIN) <= times[ATEN] else ATEN
+            for key, times in agree(seconds).items()}
 
 
 def gemm_peak_gflops(shapes: Iterable[Tuple[int, int, int]], dtype: torch.dtype, repeats: int = 5) -> float:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..runtime.distributed import ParallelContext
 from .checkpoint import parameter
-from .kernels import ONEDNN, LinearKey, choose_kernels, linear, pack
+from .kernels import ONEDNN, Agree, LinearKey, alone, choose_kernels, linear, pack
 from .split import Split
 
 
@@ -110,12 +110,12 @@ def _packable(model: nn.Module) -> Iterator[ParallelLinear]:
             yield layer
 
 
-def pack_where_faster(model: nn.Module, tokens: int) -> Dict[str, str]:
+def pack_where_faster(model: nn.Module, tokens: int, agree: Agree = alone) -> Dict[str, str]:
     """Pack, in place, the CPU weights of every GEMM shape where oneDNN's packed kernel is the faster at
     `tokens` rows (do it last: packed weights do not move or change dtype). Returns the choice per shape,
     as "out x in [+bias] [+gelu]" -> kernel."""
     layers = list(_packable(model))
-    choice = choose_kernels(((_kernel_key(m), m.weight) for m in layers), tokens)
+    choice = choose_kernels(((_kernel_key(m), m.weight) for m in layers), tokens, agree)
     for layer in layers:
         if choice[_kernel_key(layer)] == ONEDNN:
             layer.weight = nn.Parameter(pack(layer.weight), requires_grad=False)

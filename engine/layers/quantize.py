@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .int8 import Int8Linear, choose_kernels
+from .kernels import Agree, alone
 from .linear import ParallelLinear, parallel_linears
 from .smoothing import ActivationRanges, smooth
 
@@ -50,18 +51,19 @@ def calibrate(model: nn.Module, run: Callable[[object], object], batches: Iterab
 
 def quantize_model(model: nn.Module, tokens: int, smoothing: bool = True,
                    ranges: Optional[Dict[int, torch.Tensor]] = None,
-                   float_layers: int = FLOAT_LAYERS) -> Dict[str, str]:
+                   float_layers: int = FLOAT_LAYERS, agree: Agree = alone) -> Dict[str, str]:
     """In place: smooth (factors from the LayerNorm weights, or from calibrated `ranges`), then replace every
     parallel linear's weight by an Int8Linear of the kernel that is fastest here at `tokens` rows, except those
     of the first `float_layers` encoder layers, which keep fp32 (the caller picks their kernels). Returns
-    {"out x in": kernel}, as model.linear_kernels reports it."""
+    {"out x in": kernel}, as model.linear_kernels reports it. `agree`: what the timings go through before
+    the choice (engine.layers.kernels.Agree)."""
     kept = {id(m) for block in model.encoder_layers()[:float_layers] for m in parallel_linears(block)}
     linears = [m for m in unpack_linears(model) if id(m) not in kept]
     if smoothing:
         for norm, readers in model.smoothing_groups():
             if id(readers[0]) not in kept:
                 smooth(norm, [m.weight for m in readers], (ranges or {}).get(id(readers[0])))
-    choice = choose_kernels((m.weight for m in linears), tokens)
+    choice = choose_kernels((m.weight for m in linears), tokens, agree)
     for layer in linears:
         weight = layer.weight
         del layer.weight  # a Parameter slot cannot hold a module

@@ -12,7 +12,7 @@ import datetime
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Hashable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from .health import Health
 from .launch import Launch, this_launch
 from .shm_allreduce import SharedMemoryAllReduce, shared_memory_all_reduce
 
+K = TypeVar("K", bound=Hashable)
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
@@ -118,6 +119,21 @@ class ParallelContext:
         with self.health.guard("gathering results"):
             dist.gather_object(obj, gathered if self.is_main else None, dst=0, group=self.object_group)
         return gathered
+
+    def summed_over_ranks(self, seconds: Dict[K, Dict[str, float]]) -> Dict[K, Dict[str, float]]:
+        """Every rank's timings of the same candidates ({key: {candidate: seconds}}), summed over the world.
+
+        A choice made from the sums is the same on every rank, and ranks must agree: one on a slower kernel
+        keeps its peers waiting at every all-reduce. Each rank times its own shard with the others running, as
+        in a forward, so the sum also rests on every rank's measurement rather than on one."""
+        if not self.distributed:
+            return seconds
+        gathered: List[Dict[K, Dict[str, float]]] = [{} for _ in range(self.world_size)]
+        with self.health.guard("agreeing on the kernels' timings"):
+            dist.all_gather_object(gathered, seconds, group=self.object_group)
+        # a candidate some rank could not run (another machine's CPU) is left out
+        return {key: {c: sum(rank[key][c] for rank in gathered) for c in times if all(c in rank[key] for rank in gathered)}
+                for key, times in seconds.items()}
 
     def broadcast_object(self, obj: object) -> object:
         """Rank 0's `obj` on every rank (the argument is ignored elsewhere)."""

@@ -66,8 +66,9 @@ def linear_seconds(dtypes: Sequence[str], shape: Tuple[int, int], tokens: int, d
 
 
 def measure(ctx: ParallelContext, dtypes: Tuple[str, ...], shape: Tuple[int, int], tokens: int) -> Dict[str, float]:
-    """Seconds per dtype, measured on every rank at once (they share the machine as in a forward); rank 0's."""
-    return ctx.broadcast_object(linear_seconds(dtypes, shape, tokens, ctx.device))
+    """Seconds per dtype, measured on every rank at once (they share the machine as in a forward), summed over
+    the ranks: every rank then picks the same dtype."""
+    return ctx.summed_over_ranks({"dtype": linear_seconds(dtypes, shape, tokens, ctx.device)})["dtype"]
 
 
 def candidates(device: torch.device) -> Tuple[str, ...]:

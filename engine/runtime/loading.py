@@ -66,21 +66,21 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
             ranges = calibrate(model, lambda batch: TASKS[batch[0]].first_output(model, batch[1], ctx.device),
                                calibration)
         tokens = model.cfg.joint_tokens
-        model.linear_kernels = quantize_model(model, tokens, smoothing, ranges, float_layers=float_layers)
+        model.linear_kernels = quantize_model(model, tokens, smoothing, ranges, float_layers, ctx.summed_over_ranks)
         if ctx.device.type == "cpu":  # the layers int8 leaves in fp32
-            fp32 = pack_where_faster(model, tokens=tokens)
+            fp32 = pack_where_faster(model, tokens, ctx.summed_over_ranks)
             model.linear_kernels.update({f"fp32 {shape}": kernel for shape, kernel in fp32.items()})
     elif ctx.device.type == "cpu":
         use_cpu_kernels(model, compute, announce=ctx.is_main)
     if ctx.device.type == "cpu":  # int8 attends in fp32
-        model.attention_kernel = choose_attention(model, compute)
+        model.attention_kernel = choose_attention(model, compute, ctx.summed_over_ranks)
     return model
 
 
 def use_cpu_kernels(model: MultiwayModel, dtype: torch.dtype, announce: bool = False) -> None:
     """Pick this CPU's faster linear kernels: packed oneDNN or plain linears per GEMM shape, timed on one
     sample's joint pass."""
-    model.linear_kernels = pack_where_faster(model, tokens=model.cfg.joint_tokens)
+    model.linear_kernels = pack_where_faster(model, model.cfg.joint_tokens, model.ctx.summed_over_ranks)
     if dtype == torch.bfloat16:
         if not bf16_matmul_units() and announce:
             print("note: oneDNN has no bf16 matmul on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; "
