@@ -25,6 +25,14 @@ DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 INT8 = "int8"
 # int8's calibration batches: (task, model inputs) per forward, the same on every rank
 CalibrationBatches = Iterable[Tuple[str, Inputs]]
+# VLMO_INT8_SMOOTHING=0: int8 without smoothing, to measure what it does (a calibration, which only sets the
+# smoothing factors, is then refused: it would do nothing)
+SMOOTHING_ENV = "VLMO_INT8_SMOOTHING"
+
+
+def int8_smoothing() -> bool:
+    """Whether int8 smooths its LayerNorm-fed linears (engine.layers.smoothing): unless VLMO_INT8_SMOOTHING=0."""
+    return os.environ.get(SMOOTHING_ENV, "1") != "0"
 
 
 def default_dtype(device: torch.device) -> str:
@@ -44,6 +52,8 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
     """
     if calibration is not None and dtype != INT8:
         raise ValueError(f"calibration batches are for int8 only, not {dtype}")
+    if calibration is not None and not int8_smoothing():
+        raise ValueError(f"calibration batches set int8's smoothing factors, and {SMOOTHING_ENV}=0 turns smoothing off")
     if dtype == INT8:
         kernels_for(ctx.device)  # a one-line refusal where there is no int8 kernel, before anything loads
     manifest = manifest or read_manifest(shard_dir)
@@ -58,11 +68,11 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
     model = model.to(device=ctx.device).set_compute_dtype(compute).eval()
     model.attention_options.key_masking = key_masking or key_masking_for(ctx.device)
     if dtype == INT8:
-        # VLMO_INT8_SMOOTHING=0: no smoothing; VLMO_INT8_FLOAT_LAYERS=N: the first N layers in fp32 (to measure)
-        smoothing = os.environ.get("VLMO_INT8_SMOOTHING", "1") != "0"
+        # VLMO_INT8_FLOAT_LAYERS=N: the first N layers in fp32 (to measure)
+        smoothing = int8_smoothing()
         float_layers = int(os.environ.get("VLMO_INT8_FLOAT_LAYERS", FLOAT_LAYERS))
         ranges = None
-        if smoothing and calibration is not None:
+        if calibration is not None:
             ranges = calibrate(model, lambda batch: TASKS[batch[0]].first_output(model, batch[1], ctx.device),
                                calibration)
         tokens = model.cfg.joint_tokens
