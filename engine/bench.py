@@ -24,12 +24,20 @@ def summary_line(report: Dict[str, Any]) -> str:
     return (f"tp {report['tp']} × {report['threads_per_rank']} threads, batch {report['batch_size']}, "
             f"{dtype}: {lat['mean']:.1f} ms mean (p50 {lat['p50']:.1f}, min {lat['min']:.1f}), "
             f"{report['samples_per_s']:.2f} samples/s, {report['achieved_gflop_per_s']:.0f} of "
-            f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%)"
+            f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%"
+            + _roofline_text(report.get("int8_roofline")) + ")"
             + _attention_text(report["attention_per_rank"][0])
             + f", all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward"
             + (f" (Sub-LN statistics {report['subln_allreduce_ms_per_forward']:.1f})"
                if report["subln_allreduce_ms_per_forward"] else "") + f"; {report['cuda_graphs']}"
             + (_agreement_text(report["vs_fp32"]) if "vs_fp32" in report else ""))
+
+
+def _roofline_text(roofline: Optional[Dict[str, Any]]) -> str:
+    if roofline is None:
+        return ""
+    return (f"; {100 * roofline['fraction']:.0f}% of a roofline with the int8 linears at that W8A8 peak and the rest "
+            f"at the fp32 peak")
 
 
 def _attention_text(attention: Optional[Dict[str, Any]]) -> str:

@@ -122,6 +122,16 @@ def test_bench_int8_reports_agreement_kernels_and_quartered_linears(shards: dict
     assert report["dtype"] == "int8" and "int8:" in summary_line(report) and "vs fp32: top-1" in summary_line(report)
     assert report["vs_fp32"]["min_cosine"]["vqa_logits"] > 0.999
     assert report["vs_fp32"]["top1_agreement"] >= 0.75
+    # int8's roofline: layers 1-3's linears, 57 tokens a sample (the first layer stays fp32), at the W8A8 peak
+    roofline = report["int8_roofline"]
+    linear_gflop = 2 * 57 * (4 * 64 * 64 + 2 * 64 * 256) / 1e9
+    assert roofline["int8_gflop_per_sample"] == pytest.approx(3 * linear_gflop)
+    assert roofline["other_gflop_per_sample"] == pytest.approx(report["gflop_per_sample"] - 3 * linear_gflop)
+    at_peaks = (3 * linear_gflop / report["peak_gflop_per_s"]
+                + roofline["other_gflop_per_sample"] / roofline["fp32_peak_gflop_per_s_per_rank"][0])
+    assert roofline["ms_per_sample"] == pytest.approx(1e3 * at_peaks)
+    assert roofline["fraction"] == pytest.approx(at_peaks * report["samples_per_s"])
+    assert f"{100 * roofline['fraction']:.0f}% of a roofline" in summary_line(report)
     # D=64, FFN 256, 4 layers; VL experts from layer 2: 2 + 2 + 1 + 1 experts' FFNs and 4 attentions
     kernels = report["linear_kernels_per_rank"][0]
     int8 = {shape: kernel for shape, kernel in kernels.items() if not shape.startswith("fp32 ")}

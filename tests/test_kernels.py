@@ -9,7 +9,7 @@ from torch import nn
 from engine.models import build_model
 from engine.runtime.distributed import ParallelContext
 from engine.layers import kernels
-from engine.tasks.benchmark import recorded_forward
+from engine.tasks.benchmark import gemm_shapes, recorded_forward
 from engine.models.vlmo.config import ARCH_PRESETS, VLMoConfig
 from engine.layers.linear import ColumnParallelLinear, RowParallelLinear, pack_where_faster
 
@@ -61,8 +61,12 @@ def test_gemm_shapes_of_vlmo_base_480_vqa_at_tp2(monkeypatch: pytest.MonkeyPatch
     for m in (joint, text, image):  # VL experts on the joint sequence (layers 10-11), text and image experts apart
         want |= {(m, 768, 3072 // 2), (m, 3072 // 2, 768)}
     with torch.inference_mode():
-        assert set(recorded_forward(model, "vqa", _inputs(1))[0]) == want
-        assert max(m for m, _, _ in recorded_forward(model, "vqa", _inputs(2))[0]) == 2 * joint
+        gemms = recorded_forward(model, "vqa", _inputs(1))[0]
+        assert gemm_shapes(gemms) == sorted(want)
+        assert not any(int8 for *_, int8 in gemms)  # fp32: no int8 GEMM
+        # each layer runs qkv and the attention output once on the joint sequence
+        assert gemms[(joint, 768, 3 * 768 // 2, False)] == gemms[(joint, 768 // 2, 768, False)] == cfg.depth
+        assert max(m for m, *_ in gemm_shapes(recorded_forward(model, "vqa", _inputs(2))[0])) == 2 * joint
 
 
 def _inputs(batch: int) -> dict:

@@ -10,10 +10,11 @@ AVX-512 machine behave as an AVX2 one for oneDNN (tests use it to take the path 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,17 +36,19 @@ def alone(seconds: Dict[Any, Dict[str, float]]) -> Dict[Any, Dict[str, float]]:
     return seconds
 
 
-# (M, K, N) of every linear() call while record_gemm_shapes is active (engine.bench reads the forward's own shapes)
-_recorded: Optional[Set[Tuple[int, int, int]]] = None
+# Every linear() call while record_gemms is active, counted by (M, K, N, int8): engine.bench reads the forward's
+# own GEMMs (their shapes for the peak, the int8 ones' FLOPs for int8's roofline)
+Gemm = Tuple[int, int, int, bool]
+_recorded: Optional["collections.Counter[Gemm]"] = None
 
 
 @contextlib.contextmanager
-def record_gemm_shapes() -> Iterator[Set[Tuple[int, int, int]]]:
-    """Collect the GEMM shapes the linears run inside the block."""
+def record_gemms() -> Iterator["collections.Counter[Gemm]"]:
+    """Count the GEMMs the linears run inside the block."""
     global _recorded
-    _recorded = shapes = set()
+    _recorded = gemms = collections.Counter()
     try:
-        yield shapes
+        yield gemms
     finally:
         _recorded = None
 
@@ -56,7 +59,8 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, torch.nn.Module], bias: 
 
     A weight that is a module (engine.layers.int8.Int8Linear) computes the whole step itself."""
     if _recorded is not None:
-        _recorded.add((x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]))
+        # a weight that is a module is an int8 layer's
+        _recorded[(x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], isinstance(weight, torch.nn.Module))] += 1
     if isinstance(weight, torch.nn.Module):
         return weight(x, bias, gelu)
     if weight.is_mkldnn:

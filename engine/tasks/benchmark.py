@@ -26,7 +26,7 @@ import torch
 
 from ..layers.attention_choice import time_attention
 from ..layers.int8 import gemm_peak_gops
-from ..layers.kernels import bf16_matmul_units, gemm_peak_gflops, record_gemm_shapes
+from ..layers.kernels import Gemm, bf16_matmul_units, gemm_peak_gflops, record_gemms
 from ..models import ModelConfig, MultiwayModel, family_of
 from ..models.tasks import TASKS
 from ..runtime.distributed import ParallelContext
@@ -80,11 +80,33 @@ def synthetic_inputs(cfg: ModelConfig, task: str, batch: int, device: torch.devi
 
 
 def recorded_forward(model: MultiwayModel, task: str,
-                     inputs: Dict[str, torch.Tensor]) -> Tuple[List[Tuple[int, int, int]], Dict[str, torch.Tensor]]:
-    """One untimed forward: (M, K, N) of every linear-layer GEMM this rank runs in it, and its outputs."""
-    with record_gemm_shapes() as shapes:
+                     inputs: Dict[str, torch.Tensor]) -> Tuple[Dict[Gemm, int], Dict[str, torch.Tensor]]:
+    """One untimed forward: the linear-layer GEMMs this rank runs in it, counted by (M, K, N, int8), and its
+    outputs."""
+    with record_gemms() as gemms:
         outputs = TASKS[task].run(model, inputs)
-    return sorted(shapes), outputs
+    return gemms, outputs
+
+
+def gemm_shapes(gemms: Dict[Gemm, int]) -> List[Tuple[int, int, int]]:
+    """The distinct (M, K, N) among recorded GEMMs."""
+    return sorted({(m, k, n) for m, k, n, _ in gemms})
+
+
+def int8_gflop(gemms: Dict[Gemm, int]) -> float:
+    """FLOPs (×2 per multiply-add) of the recorded GEMMs that ran in int8."""
+    return sum(count * 2 * m * k * n for (m, k, n, int8), count in gemms.items() if int8) / 1e9
+
+
+def time_at_peaks(gflop: float, ranks: List[Dict[str, Any]]) -> Dict[str, float]:
+    """int8's roofline for one sample on one tensor-parallel group (`ranks`): each rank's int8 linears at its
+    W8A8 peak and the rest of the forward (attention, the fp32 first layer, patch embedding, heads; split evenly
+    over the ranks) at its fp32 peak; the slowest rank sets the time."""
+    int8 = [r["int8_gflop"] for r in ranks]
+    rest = (gflop - sum(int8)) / len(ranks)
+    seconds = max(i / r["peak"] + rest / r["fp32_peak"] for i, r in zip(int8, ranks))
+    return {"int8_gflop_per_sample": sum(int8), "other_gflop_per_sample": gflop - sum(int8),
+            "fp32_peak_gflop_per_s_per_rank": [r["fp32_peak"] for r in ranks], "ms_per_sample": 1e3 * seconds}
 
 
 def peak_gflops(shapes: List[Tuple[int, int, int]], dtype: str, device: torch.device) -> float:
@@ -235,14 +257,17 @@ def bench_engine(engine: Engine, shard_dir: Path, task: str, batch_size: int, wa
 
     timed = time_forward(engine, task, inputs, warmup, iters, graphs)
     ctx.barrier()
-    shapes, outputs = recorded_forward(model, task, inputs)  # the peak's shapes and --check-fp32's outputs at once
+    gemms, outputs = recorded_forward(model, task, inputs)  # the peaks' shapes and --check-fp32's outputs at once
+    shapes = gemm_shapes(gemms)
     peak = peak_gflops(shapes, dtype, ctx.device)
-    attention = attention_rate(model, ctx.device, peak if dtype != "int8" else peak_gflops(shapes, "fp32", ctx.device))
+    fp32_peak = peak if dtype != "int8" else peak_gflops(shapes, "fp32", ctx.device)
+    attention = attention_rate(model, ctx.device, fp32_peak)
     accuracy = compare_fp32(shard_dir, engine, task, inputs, outputs) \
         if check_fp32 and dtype != "fp32" else None
     mine = {
         "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"],
-        "subln_s": timed["subln_s"], "peak": peak,
+        "subln_s": timed["subln_s"], "peak": peak, "fp32_peak": fp32_peak,
+        "int8_gflop": int8_gflop(gemms) / batch_size,
         "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes([*model.parameters(), *model.buffers()]),
         "position_bias": _module_bytes(model.cached_position_biases()),
         "linear_kernels": model.linear_kernels, "attention_kernel": model.attention_kernel, "attention": attention,
@@ -296,6 +321,10 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfi
         # BEiT-3: the share of the all-reduce time spent on the Sub-LN statistics (0 for VLMo)
         "subln_allreduce_ms_per_forward": 1e3 * max(r["subln_s"] for r in ranks) / iters,
     }
+    if dtype == "int8":  # its fraction_of_peak is against the W8A8 rate, though much of the forward stays fp32
+        roofline = time_at_peaks(gflop, ranks[:ctx.tp_size])
+        roofline["fraction"] = samples_per_s / ctx.dp_size * roofline["ms_per_sample"] / 1e3
+        report["int8_roofline"] = roofline
     if accuracy is not None:
         report["vs_fp32"] = accuracy
     return report
