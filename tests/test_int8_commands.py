@@ -261,6 +261,18 @@ def test_calibration_with_smoothing_off_is_refused_in_one_line(shards, monkeypat
         load_model(shards[1], init_parallel("cpu", 1, threads=1), "int8", calibration=batches)
 
 
+def test_int8_without_smoothing_does_not_continue_a_default_int8_results_file(shards, runs, monkeypatch,
+                                                                             tmp_path: Path) -> None:
+    """The settings int8 takes from the environment (to measure them) are part of a results file's identity."""
+    continued = tmp_path / "results.jsonl"
+    continued.write_bytes(runs["tp1"].read_bytes())
+    monkeypatch.setenv("VLMO_INT8_SMOOTHING", "0")
+    ran = run_module("engine.vqa", _vqa_args(shards[1], continued))
+    assert ran.returncode == 1 and ran.stderr.count("error:") == 1, ran.stderr
+    assert "holds the results of another run (int8: None recorded, {smoothing False} now)" in ran.stderr, ran.stderr
+    assert continued.read_bytes() == runs["tp1"].read_bytes()
+
+
 def test_a_copy_that_gives_other_samples_is_refused_where_it_is_read_again(shards) -> None:
     """A Ray replica's ranks read the file again on their node: another file at that path is one line."""
     cfg = read_manifest(shards[1]).config

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -30,9 +30,31 @@ CalibrationBatches = Iterable[Tuple[str, Inputs]]
 SMOOTHING_ENV = "VLMO_INT8_SMOOTHING"
 
 
+# VLMO_INT8_FLOAT_LAYERS=N: the first N encoder layers stay fp32 (default FLOAT_LAYERS), to measure what it does
+FLOAT_LAYERS_ENV = "VLMO_INT8_FLOAT_LAYERS"
+
+
 def int8_smoothing() -> bool:
     """Whether int8 smooths its LayerNorm-fed linears (engine.layers.smoothing): unless VLMO_INT8_SMOOTHING=0."""
     return os.environ.get(SMOOTHING_ENV, "1") != "0"
+
+
+def int8_float_layers() -> int:
+    value = os.environ.get(FLOAT_LAYERS_ENV, str(FLOAT_LAYERS))
+    if not value.isdigit():
+        raise ValueError(f"{FLOAT_LAYERS_ENV}={value!r}: it takes a number of layers (0 or more)")
+    return int(value)
+
+
+def int8_variant() -> Dict[str, Any]:
+    """int8's measurement settings where they are not the defaults ({} when they are): a results file records
+    them, so that a run of another variant does not continue it."""
+    variant: Dict[str, Any] = {}
+    if not int8_smoothing():
+        variant["smoothing"] = False
+    if int8_float_layers() != FLOAT_LAYERS:
+        variant["float_layers"] = int8_float_layers()
+    return variant
 
 
 def default_dtype(device: torch.device) -> str:
@@ -68,9 +90,7 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
     model = model.to(device=ctx.device).set_compute_dtype(compute).eval()
     model.attention_options.key_masking = key_masking or key_masking_for(ctx.device)
     if dtype == INT8:
-        # VLMO_INT8_FLOAT_LAYERS=N: the first N layers in fp32 (to measure)
-        smoothing = int8_smoothing()
-        float_layers = int(os.environ.get("VLMO_INT8_FLOAT_LAYERS", FLOAT_LAYERS))
+        smoothing, float_layers = int8_smoothing(), int8_float_layers()
         ranges = None
         if calibration is not None:
             ranges = calibrate(model, lambda batch: TASKS[batch[0]].first_output(model, batch[1], ctx.device),
