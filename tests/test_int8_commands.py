@@ -271,6 +271,11 @@ def test_int8_without_smoothing_does_not_continue_a_default_int8_results_file(sh
     assert ran.returncode == 1 and ran.stderr.count("error:") == 1, ran.stderr
     assert "holds the results of another run (int8: None recorded, {smoothing False} now)" in ran.stderr, ran.stderr
     assert continued.read_bytes() == runs["tp1"].read_bytes()
+    monkeypatch.setenv("VLMO_INT8_SMOOTHING", "1")
+    monkeypatch.setenv("VLMO_INT8_FLOAT_LAYERS", "one")
+    from engine.vqa import main as vqa_main
+    invoke_refused(vqa_main, _vqa_args(shards[1], tmp_path / "new.jsonl"), "VLMO_INT8_FLOAT_LAYERS='one'",
+                   "a number of layers")
 
 
 def test_a_copy_that_gives_other_samples_is_refused_where_it_is_read_again(shards) -> None:

@@ -131,6 +131,7 @@ def pick_dtype(ctx: ParallelContext, cfg: ModelConfig, requested: Optional[str])
     if requested == "int8":
         try:
             kernels_for(ctx.device)
+            int8_variant()  # its settings from the environment, checked before the shard is read
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     return choose(ctx, requested, (cfg.ffn_dim // ctx.tp_size, cfg.embed_dim), cfg.joint_tokens)
