@@ -9,14 +9,20 @@ import click
 
 from .atomic import write_json
 from .models.tasks import HEAD_TASKS
+from .runtime.shards import read_manifest
 from .tasks.benchmark import run_bench
-from .tasks.cli import engine_options, one_line_errors, writable
+from .tasks.calibration import Calibration, calibration_options, read_calibration
+from .tasks.cli import engine_options, one_line_errors, pick_task, writable
+from .tasks.tokenizers import make_tokenizer, tokenizer_option
 
 
 def summary_line(report: Dict[str, Any]) -> str:
     lat = report["latency_ms"]
+    calibrated = report.get("calibration")
+    dtype = f"{report['dtype']} calibrated on {calibrated['samples']} samples of {calibrated['file']}" \
+        if calibrated else report["dtype"]
     return (f"tp {report['tp']} × {report['threads_per_rank']} threads, batch {report['batch_size']}, "
-            f"{report['dtype']}: {lat['mean']:.1f} ms mean (p50 {lat['p50']:.1f}, min {lat['min']:.1f}), "
+            f"{dtype}: {lat['mean']:.1f} ms mean (p50 {lat['p50']:.1f}, min {lat['min']:.1f}), "
             f"{report['samples_per_s']:.2f} samples/s, {report['achieved_gflop_per_s']:.0f} of "
             f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%"
             + _roofline_text(report.get("int8_roofline")) + ")"
@@ -63,19 +69,33 @@ def _agreement_text(vs: Dict[str, Any]) -> str:
                    "mode where torch_npu has it); elsewhere it runs eagerly and the report says why.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Write the report here (rank 0).")
+@calibration_options("the arrow file of the timed task, e.g. DATA/vqav2_train.arrow for VQA; BEiT-3: with "
+                     "--tokenizer")
+@tokenizer_option
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool, cuda_graphs: bool,
-         json_path: Optional[Path]) -> None:
+         json_path: Optional[Path], calibration_path: Optional[Path], calibration_samples: Optional[int],
+         tokenizer_path: Optional[Path]) -> None:
     """Time the sharded model's forward on synthetic inputs and report latency, throughput and efficiency."""
     if json_path:
         writable("--json", json_path)
+    calibration = _calibration(shard_dir, task, dtype, calibration_path, calibration_samples, tokenizer_path)
     report = run_bench(shard_dir, device, dtype, threads, timeout_s, batch_size, warmup, iters, task, check_fp32,
-                       cuda_graphs)
+                       cuda_graphs, calibration)
     if report:
         click.echo(summary_line(report))
         if json_path:
             write_json(json_path, report, indent=1)
+
+
+def _calibration(shard_dir: Path, task: Optional[str], dtype: Optional[str], path: Optional[Path],
+                 samples: Optional[int], tokenizer_path: Optional[Path]) -> Optional[Calibration]:
+    """--calibration's samples for the timed task, read before the shard loads (the tokenizer only for them: the
+    timed inputs are synthetic)."""
+    cfg = read_manifest(shard_dir).config
+    tokenizer = make_tokenizer(cfg, tokenizer_path, None) if path is not None else None
+    return read_calibration(path, samples, dtype, pick_task(cfg, task), cfg, tokenizer)
 
 
 if __name__ == "__main__":

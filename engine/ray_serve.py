@@ -20,7 +20,8 @@ import click
 
 from .options import option_group
 from .runtime.shards import read_manifest
-from .serving.setup import ServerOptions, listen, read_served, server_options
+from .serving.setup import ServerOptions, listen, read_served, served_calibration, server_options
+from .tasks.calibration import SERVED_FILE, Calibration, calibration_options
 from .tasks.cli import UsageError, engine_options, one_line_errors
 
 if TYPE_CHECKING:
@@ -100,8 +101,9 @@ def check_fits(bundle: Dict[str, float], tp: int) -> None:
 
 
 def group_spec(shard_dir: Path, options: ServerOptions, device: str, dtype: Optional[str], threads: Optional[int],
-               timeout_s: float, cpus_per_rank: float) -> "GroupSpec":
-    """The replicas' plan, once Ray is up: the device the cluster has, a rank's resources, the threads."""
+               timeout_s: float, cpus_per_rank: float, calibration: Optional[Calibration] = None) -> "GroupSpec":
+    """The replicas' plan, once Ray is up: the device the cluster has, a rank's resources, the threads, and where
+    every rank reads int8's calibration samples again."""
     from .serving.ray_app import GroupSpec, rank_resources
 
     device = cluster_device(device)
@@ -109,7 +111,8 @@ def group_spec(shard_dir: Path, options: ServerOptions, device: str, dtype: Opti
         threads = max(1, int(cpus_per_rank))
     spec = GroupSpec(shard_dir=shard_dir.resolve(), options=options, tp=read_manifest(shard_dir).tp, device=device,
                      dtype=dtype, threads=threads, timeout_s=timeout_s,
-                     rank_resources=rank_resources(device, cpus_per_rank))
+                     rank_resources=rank_resources(device, cpus_per_rank),
+                     calibration=calibration.source if calibration else None)
     check_fits(spec.bundle(), spec.tp)
     return spec
 
@@ -126,14 +129,17 @@ def _import_ray() -> None:
 @engine_options
 @server_options
 @ray_options
+@calibration_options(f"{SERVED_FILE}; every rank of every replica reads it again, at this path on its node, as "
+                     f"--shards")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          replicas: int, autoscale: Optional[str], cpus_per_rank: float, address: Optional[str],
-         num_cpus: Optional[int], object_store_mb: int, **serving: Any) -> None:
+         num_cpus: Optional[int], object_store_mb: int, calibration_path: Optional[Path],
+         calibration_samples: Optional[int], **serving: Any) -> None:
     """Serve the shards in SHARDS on Ray Serve: REPLICAS tensor-parallel groups behind engine.serve's HTTP API."""
     options = ServerOptions(**serving)
     scale = parse_autoscale(autoscale)
-    read_served(shard_dir, options)
+    calibration = served_calibration(read_served(shard_dir, options), calibration_path, calibration_samples, dtype)
     _import_ray()
     if address is None:
         listen(options.host, options.port).close()  # a taken port: one line now, not a proxy that never starts
@@ -147,7 +153,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
         signal.signal(sig, lambda *_: stop.set())
     started = False  # Serve, and (being) deployed
     try:
-        spec = group_spec(shard_dir, options, device, dtype, threads, timeout_s, cpus_per_rank)
+        spec = group_spec(shard_dir, options, device, dtype, threads, timeout_s, cpus_per_rank, calibration)
         serve.start(http_options={"host": options.host, "port": options.port,
                                   "request_timeout_s": options.request_timeout_s + PROXY_TIMEOUT_MARGIN_S})
         url = f"http://{options.host}:{options.port}"
@@ -158,8 +164,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
             serve.run(application(spec, replicas, scale), name=APP, route_prefix="/")
         except RuntimeError as exc:  # a replica could not start (its error is in the log above)
             raise UsageError(f"the application did not deploy: {str(exc).strip().splitlines()[0]}") from None
+        calibrated = f", {dtype} {calibration.description}" if calibration else ""
         click.echo(f"ready: {url} ({replicas if scale is None else f'{scale[0]}-{scale[1]}'} replica(s) of tp "
-                   f"{spec.tp} on {spec.device})", err=True)
+                   f"{spec.tp} on {spec.device}{calibrated})", err=True)
         while not stop.wait(0.5):
             pass
         click.echo("draining: answering the requests in flight, then stopping", err=True)
@@ -195,9 +202,10 @@ def build(args: Dict[str, Any]) -> Any:
 
     params = build_params(args)
     options = ServerOptions(**{k: params[k] for k in ServerOptions.__dataclass_fields__})
-    read_served(params["shard_dir"], options)
+    calibration = served_calibration(read_served(params["shard_dir"], options), params["calibration_path"],
+                                     params["calibration_samples"], params["dtype"])
     spec = group_spec(params["shard_dir"], options, params["device"], params["dtype"], params["threads"],
-                      params["timeout_s"], params["cpus_per_rank"])
+                      params["timeout_s"], params["cpus_per_rank"], calibration)
     return application(spec, params["replicas"], parse_autoscale(params["autoscale"]))
 
 

@@ -24,8 +24,8 @@ from .models.tasks import TEXT_EMBEDDING
 from .serving.app import build_app
 from .serving.search import SearchIndex
 from .serving.setup import (ServerOptions, follow_rank_zero, listen, load_rank_zero, new_state, read_served,
-                            server_options)
-from .tasks.calibration import Calibration, calibration_options, head_to_calibrate, read_calibration
+                            served_calibration, server_options)
+from .tasks.calibration import SERVED_FILE, Calibration, calibration_options
 from .tasks.cli import UsageError, engine_options, one_line_errors
 
 # SIGTERM: after --drain-timeout, the time left for the batch in flight and the last answers; then rank 0 stops the
@@ -88,7 +88,7 @@ class _Server(uvicorn.Server):
 @click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
               help="An image index (python -m engine.index build) to serve: POST /v1/search, GET /v1/images/{id} "
                    "and the search page /search.")
-@calibration_options("the arrow file of the checkpoint's task, e.g. DATA/vqav2_train.arrow for VQA")
+@calibration_options(SERVED_FILE)
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          index_dir: Optional[Path], calibration_path: Optional[Path], calibration_samples: Optional[int],
@@ -101,8 +101,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     served = read_served(shard_dir, options, manifest)  # every rank refuses a missing tokenizer, before loading
     if index_dir is not None and TEXT_EMBEDDING not in served.kinds:
         raise UsageError(f"--index {index_dir}: {shard_dir} has no retrieval head to embed queries with")
-    calibration = read_calibration(calibration_path, calibration_samples, dtype,
-                                   head_to_calibrate(served.cfg.tasks), served.cfg, served.tokenizer)
+    calibration = served_calibration(served, calibration_path, calibration_samples, dtype)
     if not this_launch().is_main:
         follow(shard_dir, device, dtype, threads, timeout_s, options, calibration)
     search = SearchIndex.open(index_dir, manifest, shard_dir) if index_dir is not None else None  # rank 0's alone
@@ -127,8 +126,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     def load_and_serve() -> None:
         if load_rank_zero(state, shard_dir, device, dtype, threads, timeout_s, options, calibration):
             searching = f"; searching {index_dir} ({len(search.store)} images, /search)" if search else ""
-            calibrated = f" calibrated on {calibration.identity['samples']} samples of {calibration.file}" \
-                if calibration else ""
+            calibrated = f" {calibration.description}" if calibration else ""
             click.echo(f"ready: {state.model_id} ({', '.join(served.kinds)}; tp {manifest.tp}, {state.dtype}"
                        f"{calibrated}){searching}", err=True)
             runner.loop()

@@ -1,22 +1,25 @@
 """--dtype int8 through the commands on the tiny golden VQA checkpoint: --calibration (engine.vqa at tp 1 and 2, the
-factors it sets, the results identity, refusals; NLVR2, retrieval and BEiT-3 files), engine.serve --dtype int8 over HTTP
-against engine.vqa --dtype int8."""
+factors it sets, the results identity, refusals, VLMO_INT8_SMOOTHING=0; NLVR2, retrieval and BEiT-3 files;
+engine.bench's report), engine.serve --dtype int8 over HTTP against engine.vqa --dtype int8."""
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 
 from _beit3 import BEIT3, cut
+from _int8_replies import compare_replies, val_logits
 from _paths import GOLDEN, needs
 from _run import invoke_refused, run_module, run_torchrun, shard_here
 from _serve import Server
-from _vqa_requests import ANSWERS, RAW, ask_json, val_questions
-from engine.data.datasets import VQADataset, collate
+from _vqa_requests import ANSWERS, RAW
 from engine.layers.linear import parallel_linears
 from engine.layers.quantize import FLOAT_LAYERS, unpack_linears
 from engine.layers.smoothing import smoothing_factors, weight_ranges
@@ -24,7 +27,9 @@ from engine.models.tasks import TASKS, VQA
 from engine.runtime.distributed import init_parallel
 from engine.runtime.loading import load_model
 from engine.runtime.shards import read_manifest
+from engine.tasks.benchmark import run_bench
 from engine.tasks.calibration import read_calibration
+from engine.tasks.cli import UsageError
 from engine.tasks.results import read_identity, read_results
 from engine.tasks.tokenizers import make_tokenizer
 
@@ -73,19 +78,18 @@ def _answers(out: Path) -> Dict[int, str]:
 @pytest.fixture(scope="module")
 def logits(shards) -> Dict[str, Dict[int, torch.Tensor]]:
     """Every val question's logits by question id, tp 1 in this process: fp32, int8, int8 calibrated."""
-    ctx = init_parallel("cpu", 1, threads=1)
     cfg = read_manifest(shards[1]).config
-    tokenizer = make_tokenizer(cfg, None, None)
-    calibration = read_calibration(TRAIN, None, "int8", VQA, cfg, tokenizer)
-    dataset = VQADataset(ARROW, "val", tokenizer, cfg.image_size)
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    found = {}
-    for name, dtype, batches in (("fp32", "fp32", None), ("int8", "int8", None),
-                                 ("int8-cal", "int8", calibration.batches())):
-        model = load_model(shards[1], ctx, dtype, calibration=batches)
-        with torch.inference_mode():
-            found[name] = dict(zip(batch["question_id"], TASKS[VQA].first_output(model, batch, ctx.device)))
-    return found
+    calibration = read_calibration(TRAIN, None, "int8", VQA, cfg, make_tokenizer(cfg, None, None))
+    return {name: val_logits(shards[1], ARROW, dtype, batches) for name, dtype, batches in (
+        ("fp32", "fp32", None), ("int8", "int8", None), ("int8-cal", "int8", calibration.batches()))}
+
+
+def first_train_keys_sha256(n: int) -> str:
+    """The calibration identity's hash of the first n train questions, from the arrow file itself (every golden
+    image decodes): sha256 of their question ids as a JSON list."""
+    table = pa.ipc.open_file(pa.memory_map(str(TRAIN))).read_all()
+    ids = pc.list_flatten(table.column("question_id")).to_pylist()[:n]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
 def _decided(fp32: Dict[int, torch.Tensor]) -> list:
@@ -100,9 +104,9 @@ def test_calibrated_int8_gives_the_same_answers_at_tp_1_and_2_and_records_its_ca
     # near-ties (fp32 margins down to 0.017) may go either way: tp 2 quantises each rank's share of a row-parallel
     # input apart (measured: 0 or 1 of 65 differs)
     assert sum(one[q] == two[q] for q in one) >= 63
-    calibrated = {"file": "vqav2_train.arrow", "samples": 32}
+    calibrated = {"file": "vqav2_train.arrow", "samples": 32, "keys_sha256": first_train_keys_sha256(32)}
     identities = [read_identity(runs[name]) for name in ("tp1-cal", "tp2-cal")]
-    assert all({k: i["calibration"][k] for k in calibrated} == calibrated for i in identities)
+    assert all(i["calibration"] == calibrated for i in identities)
     assert identities[0]["calibration"] == identities[1]["calibration"]  # the same samples at both tps
     assert "calibration" not in read_identity(runs["tp1"])
     summary = json.loads(runs["tp2-cal"].with_suffix(".summary.json").read_text())
@@ -199,6 +203,8 @@ def test_nlvr2_retrieval_and_beit3_files_calibrate_their_heads(case: str, tmp_pa
 
 
 def test_bad_calibration_input_is_refused_in_one_line_naming_it(shards, tmp_path: Path) -> None:
+    from engine.bench import main as bench_main
+    from engine.ray_serve import main as ray_serve_main
     from engine.retrieval import main as retrieval_main
     from engine.serve import main as serve_main
     from engine.vqa import main as vqa_main
@@ -213,6 +219,12 @@ def test_bad_calibration_input_is_refused_in_one_line_naming_it(shards, tmp_path
     invoke_refused(vqa_main, [*base, "--dtype", "fp32", "--calibration", TRAIN], "--calibration", str(TRAIN),
                    "only with --dtype int8")
     invoke_refused(vqa_main, [*base, "--calibration-samples", 8], "--calibration-samples", "only with --calibration")
+    for command in (bench_main, ray_serve_main):  # the same options and checks, before any shard loads or Ray starts
+        served = ["--answers", ANSWERS] if command is ray_serve_main else []
+        invoke_refused(command, ["--shards", shards[1], *served, "--device", "cpu", "--calibration", TRAIN],
+                       "--calibration", str(TRAIN), "only with --dtype int8", "not --dtype default")
+        invoke_refused(command, ["--shards", shards[1], *served, "--dtype", "int8", "--calibration", COCO],
+                       "--calibration", str(COCO), "not a vqav2 arrow file")
     table = pa.ipc.open_file(pa.memory_map(str(ARROW / "vqav2_val.arrow"))).read_all()
     garbled = table.set_column(table.schema.get_field_index("image"), "image",
                                pa.array([b"garbled"] * table.num_rows, pa.binary()))
@@ -229,38 +241,80 @@ def test_bad_calibration_input_is_refused_in_one_line_naming_it(shards, tmp_path
     assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "s.json").exists()
 
 
-QUESTIONS = val_questions()
+def test_calibration_with_smoothing_off_is_refused_in_one_line(shards, monkeypatch, tmp_path: Path) -> None:
+    """VLMO_INT8_SMOOTHING=0: a calibration would set factors nothing uses, and a results file would name it."""
+    from engine.bench import main as bench_main
+    from engine.vqa import main as vqa_main
+
+    monkeypatch.setenv("VLMO_INT8_SMOOTHING", "0")
+    out = tmp_path / "out.jsonl"
+    invoke_refused(vqa_main, [*_vqa_args(shards[1], out), "--calibration", TRAIN], f"--calibration {TRAIN}",
+                   "VLMO_INT8_SMOOTHING=0 turns int8's smoothing off", "drop --calibration")
+    invoke_refused(bench_main, ["--shards", shards[1], "--dtype", "int8", "--calibration", TRAIN],
+                   "VLMO_INT8_SMOOTHING=0")
+    assert not out.exists()
+    monkeypatch.setenv("VLMO_INT8_SMOOTHING", "1")
+    cfg = read_manifest(shards[1]).config
+    batches = read_calibration(TRAIN, 8, "int8", VQA, cfg, make_tokenizer(cfg, None, None)).batches()
+    monkeypatch.setenv("VLMO_INT8_SMOOTHING", "0")
+    with pytest.raises(ValueError, match="VLMO_INT8_SMOOTHING=0 turns smoothing off"):  # the library refuses too
+        load_model(shards[1], init_parallel("cpu", 1, threads=1), "int8", calibration=batches)
 
 
-def _serve_and_compare(server: Server, answers: Dict[int, str], logits: Dict[int, torch.Tensor], tolerance: float,
-                       near_tie: float) -> None:
-    """Every golden val question over HTTP: engine.vqa's answer, and every label's probability within `tolerance`
-    of the softmax of `logits`.
+def test_int8_without_smoothing_does_not_continue_a_default_int8_results_file(shards, runs, monkeypatch,
+                                                                             tmp_path: Path) -> None:
+    """The settings int8 takes from the environment (to measure them) are part of a results file's identity."""
+    continued = tmp_path / "results.jsonl"
+    continued.write_bytes(runs["tp1"].read_bytes())
+    monkeypatch.setenv("VLMO_INT8_SMOOTHING", "0")
+    ran = run_module("engine.vqa", _vqa_args(shards[1], continued))
+    assert ran.returncode == 1 and ran.stderr.count("error:") == 1, ran.stderr
+    assert "holds the results of another run (int8: None recorded, {smoothing False} now)" in ran.stderr, ran.stderr
+    assert continued.read_bytes() == runs["tp1"].read_bytes()
+    monkeypatch.setenv("VLMO_INT8_SMOOTHING", "1")
+    monkeypatch.setenv("VLMO_INT8_FLOAT_LAYERS", "one")
+    from engine.vqa import main as vqa_main
+    invoke_refused(vqa_main, _vqa_args(shards[1], tmp_path / "new.jsonl"), "VLMO_INT8_FLOAT_LAYERS='one'",
+                   "a number of layers")
 
-    Each process times its int8 kernels at load (int_mm or oneDNN per shape): the same integer products, the fp32
-    scaling rounded in another order, which can move one activation across an int8 level downstream (measured on
-    this checkpoint: logits move by up to 0.009 between the two kernels, probabilities by 0.001). An answer whose
-    top-2 margin in `logits` is below `near_tie` may therefore go either way; every other must be equal.
-    """
-    assert len(QUESTIONS) == len(answers) == 65
-    differ = []
-    for q in QUESTIONS:
-        status, _, reply = ask_json(server, q, top_k=9)
-        assert status == 200, reply
-        row = logits[q["question_id"]]
-        if reply["answer"] != answers[q["question_id"]]:
-            differ.append(q["question_id"])
-            assert float(row.topk(2).values[0] - row.topk(2).values[1]) < near_tie, (q, reply)
-        got = torch.tensor([t["probability"] for t in sorted(reply["top_k"], key=lambda t: t["label"])])
-        assert float((got - row.softmax(-1)).abs().max()) < tolerance, (q["question_id"], got, row.softmax(-1))
-    assert len(differ) <= 1, differ
+
+def test_a_copy_that_gives_other_samples_is_refused_where_it_is_read_again(shards) -> None:
+    """A Ray replica's ranks read the file again on their node: another file at that path is one line."""
+    cfg = read_manifest(shards[1]).config
+    tokenizer = make_tokenizer(cfg, None, None)
+    source = read_calibration(TRAIN, 8, "int8", VQA, cfg, tokenizer).source
+    assert source.read(VQA, cfg, tokenizer).identity == source.identity
+    other = replace(source, file=ARROW / "vqav2_val.arrow")
+    with pytest.raises(UsageError, match="the file on this node gives other samples .* put the same file at that path"):
+        other.read(VQA, cfg, tokenizer)
+
+
+def test_bench_reports_its_calibration_and_checks_the_calibrated_model_against_fp32(shards, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    ran = run_module("engine.bench", ["--shards", shards[1], "--device", "cpu", "--dtype", "int8", "--threads", 1,
+                                      "--batch-size", 3, "--warmup", 1, "--iters", 2, "--check-fp32",
+                                      "--calibration", TRAIN, "--calibration-samples", 16, "--json", out])
+    assert ran.returncode == 0, ran.stderr
+    assert "int8 calibrated on 16 samples of vqav2_train.arrow:" in ran.stdout and "vs fp32: top-1" in ran.stdout
+    calibrated = json.loads(out.read_text())
+    plain = run_bench(shards[1], "cpu", "int8", 1, 60.0, batch_size=3, warmup=1, iters=2, task=None, check_fp32=True)
+    assert calibrated["calibration"] == {"file": "vqav2_train.arrow", "samples": 16,
+                                         "keys_sha256": first_train_keys_sha256(16)}
+    assert plain["calibration"] is None and set(calibrated) == set(plain)
+    # the same model, inputs and work; only the int8 model's factors, and so its deviation from fp32, differ
+    for same in ("tp", "dtype", "task", "batch_size", "model", "gflop_per_sample", "peak_gemm_shapes"):
+        assert calibrated[same] == plain[same], same
+    for report in (calibrated, plain):  # the synthetic inputs' top-2 margins are wide: all 3 answers agree
+        vs = report["vs_fp32"]
+        assert vs["top1_agreement"] == 1.0 and min(vs["min_cosine"].values()) > 0.999, vs
+    assert calibrated["vs_fp32"]["max_abs_diff"] != plain["vs_fp32"]["max_abs_diff"]
 
 
 def test_serve_int8_answers_over_http_as_engine_vqa_int8_at_tp_1(shards, runs, logits) -> None:
     server = Server(1, ["--shards", shards[1], "--answers", ANSWERS, "--dtype", "int8", "--max-wait-ms", 1,
                         "--threads", 1])
     try:
-        _serve_and_compare(server, _answers(runs["tp1"]), logits["int8"], 0.003, 0.015)
+        compare_replies(server, _answers(runs["tp1"]), logits["int8"], 0.003, 0.015)
     finally:
         server.kill()
 
@@ -271,7 +325,10 @@ def test_serve_int8_calibrated_answers_over_http_as_engine_vqa_at_tp_2(shards, r
     try:
         assert any(line.startswith("ready: ") and f"int8 calibrated on 32 samples of {TRAIN})" in line
                    for line in server.log)
+        (card,) = server.get("/v1/models")[2]["data"]
+        assert card["calibration"] == {"file": "vqav2_train.arrow", "samples": 32,
+                                       "keys_sha256": first_train_keys_sha256(32)}
         # against tp 1's logits: int8 at tp 2 rounds each rank's share apart (logits move by a few hundredths)
-        _serve_and_compare(server, _answers(runs["tp2-cal"]), logits["int8-cal"], 0.02, DECIDED)
+        compare_replies(server, _answers(runs["tp2-cal"]), logits["int8-cal"], 0.02, DECIDED)
     finally:
         server.kill()

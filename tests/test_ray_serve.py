@@ -16,6 +16,7 @@ from typing import Dict, Set
 
 import pytest
 
+from _int8_replies import compare_replies, val_logits
 from _paths import GOLDEN, needs
 from _ray_serve import Cluster, RayServer, expected_replies, golden_replies
 from _run import invoke_refused, run_module, shard_here
@@ -182,6 +183,35 @@ def test_a_rank_that_dies_or_hangs_fails_its_replica_with_503_the_other_answers_
         server.kill()
 
 
+def test_int8_calibrated_replica_at_tp_2_answers_as_int8_calibrated_here(shards, cluster) -> None:
+    """Every rank of the replica reads --calibration again on its node: the replica's model card names the samples
+    it read, and its answers are those of a tp-1 int8 model calibrated on them in this process."""
+    from engine.data.vqav2 import answer_table
+    from engine.runtime.shards import read_manifest
+    from engine.tasks.calibration import read_calibration
+    from engine.tasks.tokenizers import make_tokenizer
+
+    arrow = GOLDEN / "vqav2_arrow_published"
+    train = arrow / "vqav2_train.arrow"
+    cfg = read_manifest(shards[1]).config
+    calibration = read_calibration(train, 16, "int8", "vqa", cfg, make_tokenizer(cfg, None, None))
+    logits = val_logits(shards[1], arrow, "int8", calibration.batches())
+    server = RayServer(["--shards", shards[2], *COMMON, "--dtype", "int8", "--calibration", train,
+                        "--calibration-samples", 16, "--max-wait-ms", 1], cluster)
+    try:
+        assert any(line.startswith("ready: ") and f"on cpu, int8 calibrated on 16 samples of {train})" in line
+                   for line in server.log), server.log
+        (card,) = server.get("/v1/models")[2]["data"]
+        assert card["dtype"] == "int8" and card["calibration"] == calibration.identity
+        # tp 2 rounds each rank's share of a row-parallel input apart: tp 1's logits move by a few hundredths
+        table = answer_table(ANSWERS, cfg.vqa_labels)
+        answers = {q: table[int(row.argmax())] for q, row in logits.items()}
+        compare_replies(server, answers, logits, 0.02, 0.09)
+        assert server.stop() == 0
+    finally:
+        server.kill()
+
+
 def test_refusals_come_in_one_line(shards, cluster) -> None:
     from engine.ray_serve import main
 
@@ -218,3 +248,6 @@ def test_the_shipped_serve_configs_are_serve_configs_of_the_commands_options() -
         assert (params["shard_dir"], params["device"], params["replicas"]) == (Path("/models/vlmo/shards_tp2"),
                                                                              "cuda", 2)
     assert parse_autoscale(build_params(configs[1]["applications"][0]["args"])["autoscale"]) == (1, 4)
+    params = build_params({"shards": "s", "dtype": "int8", "calibration": "/data/vqav2_train.arrow",
+                           "calibration_samples": 8})  # a config's args take --calibration too
+    assert (params["calibration_path"], params["calibration_samples"]) == (Path("/data/vqav2_train.arrow"), 8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -25,6 +25,36 @@ DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 INT8 = "int8"
 # int8's calibration batches: (task, model inputs) per forward, the same on every rank
 CalibrationBatches = Iterable[Tuple[str, Inputs]]
+# VLMO_INT8_SMOOTHING=0: int8 without smoothing, to measure what it does (a calibration, which only sets the
+# smoothing factors, is then refused: it would do nothing)
+SMOOTHING_ENV = "VLMO_INT8_SMOOTHING"
+
+
+# VLMO_INT8_FLOAT_LAYERS=N: the first N encoder layers stay fp32 (default FLOAT_LAYERS), to measure what it does
+FLOAT_LAYERS_ENV = "VLMO_INT8_FLOAT_LAYERS"
+
+
+def int8_smoothing() -> bool:
+    """Whether int8 smooths its LayerNorm-fed linears (engine.layers.smoothing): unless VLMO_INT8_SMOOTHING=0."""
+    return os.environ.get(SMOOTHING_ENV, "1") != "0"
+
+
+def int8_float_layers() -> int:
+    value = os.environ.get(FLOAT_LAYERS_ENV, str(FLOAT_LAYERS))
+    if not value.isdigit():
+        raise ValueError(f"{FLOAT_LAYERS_ENV}={value!r}: it takes a number of layers (0 or more)")
+    return int(value)
+
+
+def int8_variant() -> Dict[str, Any]:
+    """int8's measurement settings where they are not the defaults ({} when they are): a results file records
+    them, so that a run of another variant does not continue it."""
+    variant: Dict[str, Any] = {}
+    if not int8_smoothing():
+        variant["smoothing"] = False
+    if int8_float_layers() != FLOAT_LAYERS:
+        variant["float_layers"] = int8_float_layers()
+    return variant
 
 
 def default_dtype(device: torch.device) -> str:
@@ -44,6 +74,8 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
     """
     if calibration is not None and dtype != INT8:
         raise ValueError(f"calibration batches are for int8 only, not {dtype}")
+    if calibration is not None and not int8_smoothing():
+        raise ValueError(f"calibration batches set int8's smoothing factors, and {SMOOTHING_ENV}=0 turns smoothing off")
     if dtype == INT8:
         kernels_for(ctx.device)  # a one-line refusal where there is no int8 kernel, before anything loads
     manifest = manifest or read_manifest(shard_dir)
@@ -58,11 +90,9 @@ def load_model(shard_dir: Path, ctx: ParallelContext, dtype: str, manifest: Opti
     model = model.to(device=ctx.device).set_compute_dtype(compute).eval()
     model.attention_options.key_masking = key_masking or key_masking_for(ctx.device)
     if dtype == INT8:
-        # VLMO_INT8_SMOOTHING=0: no smoothing; VLMO_INT8_FLOAT_LAYERS=N: the first N layers in fp32 (to measure)
-        smoothing = os.environ.get("VLMO_INT8_SMOOTHING", "1") != "0"
-        float_layers = int(os.environ.get("VLMO_INT8_FLOAT_LAYERS", FLOAT_LAYERS))
+        smoothing, float_layers = int8_smoothing(), int8_float_layers()
         ranges = None
-        if smoothing and calibration is not None:
+        if calibration is not None:
             ranges = calibrate(model, lambda batch: TASKS[batch[0]].first_output(model, batch[1], ctx.device),
                                calibration)
         tokens = model.cfg.joint_tokens

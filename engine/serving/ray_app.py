@@ -7,7 +7,10 @@ extra hop through Ray's object store. The replica starts ranks 1..tp-1 as actors
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (rank 0's node and a free port there), joins the
 process group through the runtime's `init_parallel`, loads its shard and follows rank 0's steps, as the ranks of
 engine.serve do. Ray gives each rank only its own chip (CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES), so
-LOCAL_RANK is 0 everywhere.
+LOCAL_RANK is 0 everywhere. With --calibration every rank, rank 0 included, reads the samples again from the file
+at the same path on the replica's node (as it reads its shard there; the command checked them first) and checks that
+they are the ones the command read: each rank then runs the same batches. Sending the decoded samples instead would
+put 32 × 2.8 MB of fp32 images (VLMo 480) through the object store for every rank of every replica.
 
 Faults: a rank that dies fails its replica's collective (or its Ray task ends), a rank that hangs trips the
 --timeout watchdog; either way the replica answers 503 from then on and fails Serve's health check, Serve
@@ -32,9 +35,10 @@ from ray import serve
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ..tasks.calibration import Calibration, CalibrationSource, head_to_calibrate
 from .app import ServerState, build_app
 from .metrics import ServerMetrics
-from .setup import ServerOptions, follow_rank_zero, load_rank_zero, new_state, read_served
+from .setup import Served, ServerOptions, follow_rank_zero, load_rank_zero, new_state, read_served
 
 HEALTH_CHECK_S = 2.0  # how often Serve asks a replica whether its group is whole
 HEALTH_CHECK_TIMEOUT_S = 20.0
@@ -54,6 +58,13 @@ class GroupSpec:
     threads: Optional[int]
     timeout_s: float
     rank_resources: Dict[str, Any] = field(default_factory=dict)  # num_cpus / num_gpus / resources of a rank
+    calibration: Optional[CalibrationSource] = None  # int8's --calibration, which every rank reads again
+
+    def calibration_for(self, served: Served) -> Optional[Calibration]:
+        """This rank's read of the calibration samples (the same ones on every rank), or None without one."""
+        if self.calibration is None:
+            return None
+        return self.calibration.read(head_to_calibrate(served.cfg.tasks), served.cfg, served.tokenizer)
 
     def bundle(self) -> Dict[str, float]:
         """One rank's placement-group bundle."""
@@ -97,7 +108,9 @@ class RankActor:
 
     def follow(self, env: Dict[str, str], spec: GroupSpec) -> int:
         os.environ.update(env)
-        follow_rank_zero(spec.shard_dir, spec.device, spec.dtype, spec.threads, spec.timeout_s, spec.options)
+        calibration = spec.calibration_for(read_served(spec.shard_dir, spec.options))
+        follow_rank_zero(spec.shard_dir, spec.device, spec.dtype, spec.threads, spec.timeout_s, spec.options,
+                         calibration)
         return os.getpid()
 
     def pid(self) -> int:
@@ -132,6 +145,7 @@ class GroupReplica:
         self.app_name, self.deployment = context.app_name, context.deployment
         self.replica = context.replica_id.unique_id
         served = read_served(spec.shard_dir, spec.options)
+        self.calibration = spec.calibration_for(served)  # a bad copy on this node fails the constructor
         self.state: ServerState = new_state(served, spec.options, spec.dtype, spec.timeout_s, self._fatal,
                                             ReplicaMetrics(self.replica))
         self.state.fleet = self._fleet
@@ -164,7 +178,7 @@ class GroupReplica:
         self.following = [actor.follow.remote(rank_env(rank, spec.tp, *master), spec)
                           for rank, actor in enumerate(self.ranks, start=1)]
         loaded = load_rank_zero(self.state, spec.shard_dir, spec.device, spec.dtype, spec.threads, spec.timeout_s,
-                                spec.options)
+                                spec.options, self.calibration)
         self._loaded.set()
         if loaded:
             self.state.runner.loop()

@@ -35,6 +35,12 @@ class HealthBody(BaseModel):
     status: Literal["ok", "loading"]
 
 
+class CalibrationCard(BaseModel):
+    file: str = Field(description="The --calibration file's name.")
+    samples: int = Field(description="Samples the model ran to calibrate.")
+    keys_sha256: str = Field(description="A hash of their keys (question ids, ...) in order.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -47,6 +53,8 @@ class ModelCard(BaseModel):
     image_size: int
     max_text_len: int
     answers: Optional[int] = Field(description="Entries of the answer table (VQA checkpoints).")
+    calibration: Optional[CalibrationCard] = Field(
+        None, description="int8's --calibration samples, once the model is loaded; null without one.")
 
 
 class ModelList(BaseModel):

@@ -21,7 +21,7 @@ from ..models.tasks import VQA, served_tasks
 from ..options import option_group
 from ..runtime.graphs import DEFAULT_BUCKETS
 from ..runtime.shards import Manifest, read_manifest
-from ..tasks.calibration import Calibration
+from ..tasks.calibration import Calibration, head_to_calibrate, read_calibration
 from ..tasks.cli import Engine, UsageError, start_engine
 from ..tasks.tokenizers import make_tokenizer, tokenizer_option
 from .app import ServerState
@@ -130,6 +130,13 @@ def read_served(shard_dir: Path, options: ServerOptions, manifest: Optional[Mani
     return Served(shard_dir=shard_dir, manifest=manifest, kinds=kinds, answers=answers, tokenizer=tokenizer)
 
 
+def served_calibration(served: Served, path: Optional[Path], samples: Optional[int],
+                       dtype: Optional[str]) -> Optional[Calibration]:
+    """A server's --calibration samples: of the checkpoint's first task (engine.tasks.calibration), read before
+    anything loads."""
+    return read_calibration(path, samples, dtype, head_to_calibrate(served.cfg.tasks), served.cfg, served.tokenizer)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """Bind before loading anything, so a taken port is one line at once, not a failure after the load."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -190,7 +197,7 @@ def load_rank_zero(state: ServerState, shard_dir: Path, device: str, dtype: Opti
         click.echo(f"note: {note}", err=True)
     if padded:
         state.batcher.buckets = DEFAULT_BUCKETS  # batches pad to the graphs' sizes
-    state.dtype = engine.dtype
+    state.dtype, state.calibration = engine.dtype, engine.calibration
     state.runner.channel = channel
     return True
 

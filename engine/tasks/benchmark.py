@@ -34,6 +34,7 @@ from ..runtime.graphed import task_graphs
 from ..runtime.graphs import GraphRunner
 from ..runtime.loading import DTYPES, load_model
 from ..runtime.shards import read_manifest
+from .calibration import Calibration
 from .cli import Engine, pick_task, start_engine
 from .metrics import percentiles_ms
 
@@ -239,9 +240,11 @@ def output_agreement(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]
 
 def run_bench(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
               batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool,
-              cuda_graphs: bool = True) -> Dict[str, Any]:
+              cuda_graphs: bool = True, calibration: Optional[Calibration] = None) -> Dict[str, Any]:
+    """The report of one configuration (rank 0; {} elsewhere); int8 calibrated on `calibration`'s samples, if
+    given (--check-fp32 then sets that calibrated model against fp32)."""
     task = pick_task(read_manifest(shard_dir).config, task)
-    engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
+    engine = start_engine(shard_dir, device, dtype, threads, timeout_s, calibration)
     return bench_engine(engine, shard_dir, task, batch_size, warmup, iters, check_fp32, cuda_graphs)
 
 
@@ -274,11 +277,12 @@ def bench_engine(engine: Engine, shard_dir: Path, task: str, batch_size: int, wa
     ranks = ctx.gather_objects(mine)
     if not ctx.is_main:
         return {}
-    return summarise(ranks, ctx, cfg, task, dtype, batch_size, warmup, accuracy)
+    return summarise(ranks, ctx, cfg, task, dtype, batch_size, warmup, accuracy, engine.calibration)
 
 
 def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfig, task: str, dtype: str,
-              batch_size: int, warmup: int, accuracy: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+              batch_size: int, warmup: int, accuracy: Optional[Dict[str, Any]],
+              calibration: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     per_iter = [max(r["seconds"][i] for r in ranks) for i in range(len(ranks[0]["seconds"]))]
     latency = percentiles_ms(per_iter)
     iters = len(per_iter)
@@ -288,6 +292,7 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfi
     report = {
         "tp": ctx.tp_size, "world_size": ctx.world_size, "threads_per_rank": torch.get_num_threads(),
         "batch_size": batch_size, "dtype": dtype, "task": task, "device": device_name(ctx.device),
+        "calibration": calibration,  # int8's --calibration samples (Calibration.identity), or None
         "torch": torch.__version__, "warmup": warmup, "iters": iters,
         "model": {"family": cfg.family, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
                   "image_size": cfg.image_size, "tokens": cfg.joint_tokens},

@@ -8,7 +8,9 @@ once. The file is read and its samples decoded before the shard loads, so a bad 
 are decoded again batch by batch when the model runs them, so no rank holds them while it serves.
 
 Every rank reads the same file and runs the same batches (the fp32 forward all-reduces); the measured inputs are
-LayerNorm outputs, which every rank holds whole, so a calibration means the same at any tp.
+LayerNorm outputs, which every rank holds whole, so a calibration means the same at any tp. A process that did not
+read the file itself (a Ray replica's ranks) reads it again from its `CalibrationSource` and checks that it found
+the same samples. With VLMO_INT8_SMOOTHING=0 a calibration would set factors nothing uses: it is refused.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from ..data.raw import DataError
 from ..models import ModelConfig
 from ..models.tasks import IMAGE_EMBEDDING, IRTR, NLVR2, TASKS, TEXT_EMBEDDING, VQA, Inputs
 from ..options import option_group
-from ..runtime.loading import INT8
+from ..runtime.loading import INT8, SMOOTHING_ENV, int8_smoothing
 from .cli import UsageError
 from .frontend import keys_sha256
 
@@ -55,6 +57,38 @@ class Calibration:
         of the file matches, other samples do not)."""
         return {"file": self.file.name, "samples": len(self.keys), "keys_sha256": keys_sha256(self.keys)}
 
+    @property
+    def description(self) -> str:
+        return f"calibrated on {len(self.keys)} samples of {self.file}"
+
+    @property
+    def source(self) -> "CalibrationSource":
+        """What another process needs to read these samples again: the first len(keys) samples whose images decode
+        are these same ones."""
+        return CalibrationSource(file=self.file.resolve(), samples=len(self.keys), identity=self.identity)
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """A calibration as a process elsewhere reads it again (a Ray replica's ranks, on the replica's node): the file
+    at the same path there, and the identity the first read found. Small to send, unlike the decoded samples."""
+    file: Path
+    samples: int
+    identity: Dict[str, Any]
+
+    def read(self, head: str, cfg: ModelConfig, tokenizer: Any) -> Calibration:
+        """The same samples, read from this node's file; one UsageError line when it gives other samples."""
+        calibration = read_calibration(self.file, self.samples, INT8, head, cfg, tokenizer)
+        if calibration.identity != self.identity:
+            raise UsageError(f"--calibration {self.file}: the file on this node gives other samples (keys sha256 "
+                             f"{calibration.identity['keys_sha256'][:12]}) than where the command read it "
+                             f"({self.identity['keys_sha256'][:12]}): put the same file at that path on every node")
+        return calibration
+
+
+# What a server's --calibration takes (engine.serve, engine.ray_serve).
+SERVED_FILE = "the arrow file of the checkpoint's task, e.g. DATA/vqav2_train.arrow for VQA"
+
 
 def calibration_options(what: str) -> Callable[[Callable], Callable]:
     """--calibration FILE and --calibration-samples N; `what` says which file the command takes."""
@@ -78,6 +112,10 @@ def read_calibration(path: Optional[Path], samples: Optional[int], dtype: Option
     if dtype != INT8:
         raise UsageError(f"--calibration {path}: only with --dtype int8 (it sets int8's smoothing factors), "
                          f"not --dtype {dtype or 'default'}")
+    if not int8_smoothing():
+        raise UsageError(f"--calibration {path}: {SMOOTHING_ENV}=0 turns int8's smoothing off, and a calibration "
+                         f"only sets the smoothing factors: drop --calibration (the same int8 run) or unset "
+                         f"{SMOOTHING_ENV}")
     try:
         keys, passes = _READERS[head](path, samples or DEFAULT_SAMPLES, cfg, tokenizer)
     except DataError as exc:

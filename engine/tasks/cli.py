@@ -22,7 +22,7 @@ from ..runtime.health import PeerFailure, leave
 from ..layers.int8 import kernels_for
 from ..runtime.dtypes import CHOICES, announce, choose
 from ..runtime.launch import exit_process, this_launch
-from ..runtime.loading import default_dtype, load_model
+from ..runtime.loading import INT8, default_dtype, int8_variant, load_model
 from ..runtime.memory import DeviceMemoryError
 from ..runtime.shards import Manifest, read_manifest
 
@@ -46,6 +46,7 @@ class Engine:
     dtype: str
     load_s: float  # this rank's time to load its shard
     calibration: Optional[Dict[str, Any]] = None  # int8's calibration samples (Calibration.identity), if any
+    int8_variant: Optional[Dict[str, Any]] = None  # int8's settings that are not the defaults (loading.int8_variant)
 
 
 def engine_options(command: Callable) -> Callable:
@@ -118,7 +119,8 @@ def start_engine(shard_dir: Path, device: str, dtype: Optional[str], threads: Op
     model = load_model(shard_dir, ctx, dtype, manifest, calibration=calibration.batches() if calibration else None)
     announce(ctx, note)
     return Engine(ctx=ctx, model=model, manifest=manifest, dtype=dtype, load_s=time.perf_counter() - start,
-                  calibration=calibration.identity if calibration else None)
+                  calibration=calibration.identity if calibration else None,
+                  int8_variant=(int8_variant() or None) if dtype == INT8 else None)
 
 
 def pick_dtype(ctx: ParallelContext, cfg: ModelConfig, requested: Optional[str]) -> Tuple[str, Optional[str]]:
@@ -129,6 +131,7 @@ def pick_dtype(ctx: ParallelContext, cfg: ModelConfig, requested: Optional[str])
     if requested == "int8":
         try:
             kernels_for(ctx.device)
+            int8_variant()  # its settings from the environment, checked before the shard is read
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     return choose(ctx, requested, (cfg.ffn_dim // ctx.tp_size, cfg.embed_dim), cfg.joint_tokens)

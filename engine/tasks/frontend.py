@@ -110,14 +110,16 @@ def run_resumable(engine: Engine, dataset: Dataset, keys: Sequence[Hashable], st
                   label: str, identity: Dict[str, Any]) -> Optional[Tuple[List[Record], EvalStats]]:
     """Evaluate the `keys` not yet in the results file `out_path`, appending each batch's records as it ends.
 
-    The file records its `identity` (`results_identity`) with the checkpoint, the dtype and int8's calibration
-    samples if any, and is never continued by a run of another. Returns (every record of the file, this run's
+    The file records its `identity` (`results_identity`) with the checkpoint, the dtype, int8's calibration
+    samples and its settings that are not the defaults if any, and is never continued by a run of another. Returns (every record of the file, this run's
     stats) on rank 0, None on the other ranks.
     """
     ctx = engine.ctx
     identity = {**identity, "checkpoint": str(engine.manifest.source.get("sha256", "")), "dtype": engine.dtype}
     if engine.calibration:  # absent otherwise: files of uncalibrated runs keep their identity
         identity["calibration"] = engine.calibration
+    if engine.int8_variant:  # VLMO_INT8_SMOOTHING=0 or VLMO_INT8_FLOAT_LAYERS: absent for the default int8
+        identity["int8"] = engine.int8_variant
     writer = open_results(out_path, identity, key) if ctx.is_main else None
     todo = pending(ctx, writer, keys, noun)
     stats = evaluate(ctx, dataset, todo, step, batch_size=batch_size, num_workers=num_workers,
@@ -183,7 +185,8 @@ def run_info(engine: Engine, shard_dir: Path, batch_size: int) -> Dict[str, Any]
     ctx = engine.ctx
     return {"tp": ctx.tp_size, "dp": ctx.dp_size, "device": str(ctx.device), "dtype": engine.dtype,
             "batch_size": batch_size, "shards": str(shard_dir),
-            "checkpoint_sha256": engine.manifest.source.get("sha256"), "calibration": engine.calibration}
+            "checkpoint_sha256": engine.manifest.source.get("sha256"), "calibration": engine.calibration,
+            "int8_variant": engine.int8_variant}
 
 
 def run_title(task: str, run: Dict[str, Any]) -> str:
