@@ -72,3 +72,14 @@ def test_gemm_shapes_of_vlmo_base_480_vqa_at_tp2(monkeypatch: pytest.MonkeyPatch
 def _inputs(batch: int) -> dict:
     return {"text_ids": torch.zeros(batch, 40, dtype=torch.long), "text_masks": torch.ones(batch, 40, dtype=torch.long),
             "image": torch.zeros(batch, 3, 480, 480)}
+
+
+def test_candidates_are_timed_interleaved_and_each_keeps_its_fastest_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of load must fall on every candidate alike: their timed calls alternate."""
+    calls, clock = [], iter(range(1000))
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: next(clock))
+    # each call takes one tick of the fake clock, except "slow"'s, which take two (it reads the clock once more)
+    runs = {"fast": lambda: calls.append("fast"), "slow": lambda: (calls.append("slow"), next(clock))}
+    times = kernels.fastest_seconds(runs, repeats=3)
+    assert calls == ["fast", "slow"] + ["fast", "slow"] * 3  # one untimed call each, then the timed ones alternate
+    assert times == {"fast": 1, "slow": 2}

@@ -8,12 +8,13 @@ timings summed over the ranks (the loader's `agree`), so that every rank runs th
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .attention import PER_HEAD_BMM, PER_HEAD_ONEDNN, SDPA, AttentionOptions, _attend
-from .kernels import Agree, alone, best_seconds, onednn_matmuls
+from .kernels import Agree, alone, fastest_seconds, onednn_matmuls
 
 # The fused kernel stays unless another wins by this fraction: single timings on a busy machine jitter.
 SWITCH_MARGIN = 0.1
@@ -32,8 +33,8 @@ def time_attention(heads: int, tokens: int, head_dim: int, bias: bool, dtype: to
     qkv = torch.randn(1, tokens, 3, heads, head_dim).to(dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     b = torch.randn(1, heads, tokens, tokens).to(dtype) if bias else None
-    return {kernel: best_seconds(lambda: _attend(q, k, v, b, AttentionOptions(kernel=kernel)), repeats)
-            for kernel in kernels or kernels_here(dtype)}
+    return fastest_seconds({kernel: functools.partial(_attend, q, k, v, b, AttentionOptions(kernel=kernel))
+                            for kernel in kernels or kernels_here(dtype)}, repeats)
 
 
 def choose_attention(model: torch.nn.Module, dtype: torch.dtype, agree: Agree = alone) -> str:

@@ -24,7 +24,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from .kernels import Agree, alone, best_seconds
+from .kernels import Agree, alone, best_seconds, fastest_seconds
 
 INT_MM, ONEDNN = "int_mm", "onednn"
 QMAX = 127
@@ -142,11 +142,12 @@ def time_kernels(weight: torch.Tensor, tokens: int, kernels: Iterable[str], bias
     """Seconds of one `tokens`-row call of each kernel for this weight (quantisation of x included)."""
     x = torch.randn(tokens, weight.shape[1], device=weight.device)
     b = torch.zeros(weight.shape[0], device=weight.device) if bias else None
-    times = {}
-    for kernel in kernels:
-        layer = Int8Linear(weight, kernel)
-        times[kernel] = best_seconds(lambda: _synced(layer(x, b, gelu)))
-    return times
+    layers = {kernel: Int8Linear(weight, kernel) for kernel in kernels}
+    return fastest_seconds({kernel: functools.partial(_timed_call, layer, x, b, gelu) for kernel, layer in layers.items()})
+
+
+def _timed_call(layer: "Int8Linear", x: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:
+    return _synced(layer(x, bias, gelu))
 
 
 def _synced(out: torch.Tensor) -> torch.Tensor:
