@@ -21,7 +21,8 @@ def _worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     ctx = ParallelContext(rank=rank, world_size=WORLD, tp_size=WORLD, device=torch.device("cpu"), backend="gloo")
     # each rank times alike candidates, and rank 0 one more that rank 1 cannot run
-    summed = ctx.summed_over_ranks({"shape": {"a": 1.0 + rank, "b": 10.0 * (1 + rank), **({"c": 0.1} if rank == 0 else {})}})
+    only_rank_0 = {"c": 0.1} if rank == 0 else {}
+    summed = ctx.summed_over_ranks({"shape": {"a": 1.0 + rank, "b": 10.0 * (1 + rank), **only_rank_0}})
     # rank 0 alone would pack (0.5 against 1.0), rank 1 alone would not (1.8): summed, 2.3 against 2.0
     kernels.time_linear = lambda tokens, weight, bias, gelu: {kernels.ATEN: 1.0, kernels.ONEDNN: (0.5, 1.8)[rank]}
     linear_choice = kernels.choose_kernels([(((32, 16), True, False), torch.zeros(32, 16))], 7, ctx.summed_over_ranks)

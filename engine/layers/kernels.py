@@ -5,8 +5,9 @@ some CPUs and shapes and loses on others (AVX2 hosts, narrow shards), and oneDNN
 all on CPUs without AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT. So rather than guess from the ISA, the loader
 asks oneDNN whether it can pack this dtype here, then times both kernels on each of the model's GEMM
 shapes and packs only the shapes where the packed kernel is faster (by every rank's timings summed: all
-ranks must run the same kernels, or the slower keeps the others waiting at each all-reduce). `ONEDNN_MAX_CPU_ISA=AVX2` makes an
-AVX-512 machine behave as an AVX2 one for oneDNN (tests use it to take the path of CPUs without bf16).
+ranks must run the same kernels, or the slower keeps the others waiting at each all-reduce).
+`ONEDNN_MAX_CPU_ISA=AVX2` makes an AVX-512 machine behave as an AVX2 one for oneDNN (tests use it to take
+the path of CPUs without bf16).
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, torch.nn.Module], bias: 
     A weight that is a module (engine.layers.int8.Int8Linear) computes the whole step itself."""
     if _recorded is not None:
         # a weight that is a module is an int8 layer's
-        _recorded[(x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], isinstance(weight, torch.nn.Module))] += 1
+        int8 = isinstance(weight, torch.nn.Module)
+        _recorded[(x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], int8)] += 1
     if isinstance(weight, torch.nn.Module):
         return weight(x, bias, gelu)
     if weight.is_mkldnn:

@@ -132,7 +132,8 @@ class ParallelContext:
         with self.health.guard("agreeing on the kernels' timings"):
             dist.all_gather_object(gathered, seconds, group=self.object_group)
         # a candidate some rank could not run (another machine's CPU) is left out
-        return {key: {c: sum(rank[key][c] for rank in gathered) for c in times if all(c in rank[key] for rank in gathered)}
+        return {key: {c: sum(rank[key][c] for rank in gathered) for c in times
+                      if all(c in rank[key] for rank in gathered)}
                 for key, times in seconds.items()}
 
     def broadcast_object(self, obj: object) -> object:

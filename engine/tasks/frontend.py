@@ -111,8 +111,8 @@ def run_resumable(engine: Engine, dataset: Dataset, keys: Sequence[Hashable], st
     """Evaluate the `keys` not yet in the results file `out_path`, appending each batch's records as it ends.
 
     The file records its `identity` (`results_identity`) with the checkpoint, the dtype, int8's calibration
-    samples and its settings that are not the defaults if any, and is never continued by a run of another. Returns (every record of the file, this run's
-    stats) on rank 0, None on the other ranks.
+    samples and its settings that are not the defaults if any, and is never continued by a run of another.
+    Returns (every record of the file, this run's stats) on rank 0, None on the other ranks.
     """
     ctx = engine.ctx
     identity = {**identity, "checkpoint": str(engine.manifest.source.get("sha256", "")), "dtype": engine.dtype}
