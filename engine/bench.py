@@ -13,14 +13,13 @@ from .runtime.shards import read_manifest
 from .tasks.benchmark import run_bench
 from .tasks.calibration import Calibration, calibration_options, read_calibration
 from .tasks.cli import engine_options, one_line_errors, pick_task, writable
+from .tasks.frontend import calibrated_dtype
 from .tasks.tokenizers import make_tokenizer, tokenizer_option
 
 
 def summary_line(report: Dict[str, Any]) -> str:
     lat = report["latency_ms"]
-    calibrated = report.get("calibration")
-    dtype = f"{report['dtype']} calibrated on {calibrated['samples']} samples of {calibrated['file']}" \
-        if calibrated else report["dtype"]
+    dtype = calibrated_dtype(report["dtype"], report.get("calibration"))
     return (f"tp {report['tp']} × {report['threads_per_rank']} threads, batch {report['batch_size']}, "
             f"{dtype}: {lat['mean']:.1f} ms mean (p50 {lat['p50']:.1f}, min {lat['min']:.1f}), "
             f"{report['samples_per_s']:.2f} samples/s, {report['achieved_gflop_per_s']:.0f} of "

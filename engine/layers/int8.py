@@ -143,12 +143,7 @@ def time_kernels(weight: torch.Tensor, tokens: int, kernels: Iterable[str], bias
     x = torch.randn(tokens, weight.shape[1], device=weight.device)
     b = torch.zeros(weight.shape[0], device=weight.device) if bias else None
     layers = {kernel: Int8Linear(weight, kernel) for kernel in kernels}
-    return fastest_seconds({kernel: functools.partial(_timed_call, layer, x, b, gelu)
-                            for kernel, layer in layers.items()})
-
-
-def _timed_call(layer: "Int8Linear", x: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:
-    return _synced(layer(x, bias, gelu))
+    return fastest_seconds({kernel: lambda layer=layer: _synced(layer(x, b, gelu)) for kernel, layer in layers.items()})
 
 
 def _synced(out: torch.Tensor) -> torch.Tensor:

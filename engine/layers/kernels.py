@@ -116,16 +116,10 @@ def bf16_matmul_units() -> bool:
 
 def best_seconds(run: Callable[[], object], repeats: int = REPEATS) -> float:
     """Fastest of `repeats` timed calls after one untimed (the first call may allocate or pack)."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return fastest_seconds({"": run}, repeats)[""]
 
 
-def fastest_seconds(runs: Dict[str, Callable[[], object]], repeats: int = REPEATS) -> Dict[str, float]:
+def fastest_seconds(runs: Dict[Any, Callable[[], object]], repeats: int = REPEATS) -> Dict[Any, float]:
     """best_seconds of each candidate, their timed calls interleaved: a burst of load on a busy machine then falls
     on all of them alike instead of on the one being timed (which made the choice flip between runs)."""
     for run in runs.values():

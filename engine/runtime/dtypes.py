@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..layers.int8 import Int8Linear, kernels_for
-from ..layers.kernels import bf16_matmul_units, linear, onednn_packs, pack
+from ..layers.kernels import bf16_matmul_units, fastest_seconds, linear, onednn_packs, pack
 from .distributed import ParallelContext
 
 CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
@@ -52,17 +51,9 @@ def linear_seconds(dtypes: Sequence[str], shape: Tuple[int, int], tokens: int, d
                    repeats: int = REPEATS) -> Dict[str, float]:
     """Per dtype, the fastest call of its fastest kernel; the dtypes' calls interleaved, so that a burst of load
     on a busy machine falls on all of them alike."""
-    runners = {d: _runners(d, shape, tokens, device) for d in dtypes}
-    best = {d: float("inf") for d in dtypes}
-    for run in (r for rs in runners.values() for r in rs):
-        run()  # the first call may allocate or pack
-    for _ in range(repeats):
-        for d, rs in runners.items():
-            for run in rs:
-                start = time.perf_counter()
-                run()
-                best[d] = min(best[d], time.perf_counter() - start)
-    return best
+    runs = {(d, i): run for d in dtypes for i, run in enumerate(_runners(d, shape, tokens, device))}
+    seconds = fastest_seconds(runs, repeats)
+    return {d: min(s for (of, _), s in seconds.items() if of == d) for d in dtypes}
 
 
 def measure(ctx: ParallelContext, dtypes: Tuple[str, ...], shape: Tuple[int, int], tokens: int) -> Dict[str, float]:

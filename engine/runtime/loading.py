@@ -52,8 +52,9 @@ def int8_variant() -> Dict[str, Any]:
     variant: Dict[str, Any] = {}
     if not int8_smoothing():
         variant["smoothing"] = False
-    if int8_float_layers() != FLOAT_LAYERS:
-        variant["float_layers"] = int8_float_layers()
+    float_layers = int8_float_layers()
+    if float_layers != FLOAT_LAYERS:
+        variant["float_layers"] = float_layers
     return variant
 
 

@@ -189,10 +189,15 @@ def run_info(engine: Engine, shard_dir: Path, batch_size: int) -> Dict[str, Any]
             "int8_variant": engine.int8_variant}
 
 
+def calibrated_dtype(dtype: str, calibration: Optional[Dict[str, Any]]) -> str:
+    """The dtype as a title says it, with int8's calibration (Calibration.identity) if any."""
+    if not calibration:
+        return dtype
+    return f"{dtype} calibrated on {calibration['samples']} samples of {calibration['file']}"
+
+
 def run_title(task: str, run: Dict[str, Any]) -> str:
-    calibrated = run.get("calibration")
-    dtype = f"{run['dtype']} calibrated on {calibrated['samples']} samples of {calibrated['file']}" \
-        if calibrated else run["dtype"]
+    dtype = calibrated_dtype(run["dtype"], run.get("calibration"))
     return f"{task}: tp {run['tp']} x dp {run['dp']} on {run['device']}, {dtype}, batch {run['batch_size']}"
 
 
