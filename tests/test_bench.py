@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from _paths import GOLDEN, needs
 from _run import forward_many, run_torchrun, shard_here
+from engine.bench import summary_line
 
 TINY = GOLDEN / "tiny_relpos_vqa"
 VQA_CASES = sorted(p.parent for p in GOLDEN.glob("tiny_*vqa*/inputs.safetensors")
@@ -84,6 +85,11 @@ def test_bench_report_fields(reports: dict, tp: int) -> None:
     # text and image tokens go to their own experts (the multiway step reduces both at once)
     assert report["allreduce_calls_per_forward"] == (0 if tp == 1 else 2 * 4)
     assert (report["allreduce_ms_per_forward"] > 0) == (tp > 1)
+    # the all-reduce time of the rank that waited longest: the calls' own cost plus its wait for the other
+    waits = report["allreduce_wait_ms_per_forward_per_rank"]
+    assert len(waits) == tp and min(waits) >= 0 and report["allreduce_own_ms_per_forward"] >= 0
+    assert report["allreduce_own_ms_per_forward"] + max(waits) == pytest.approx(report["allreduce_ms_per_forward"])
+    assert ("moving data" in summary_line(report)) == (tp > 1)
 
 
 @needs(TINY)
