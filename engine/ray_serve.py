@@ -51,6 +51,9 @@ def ray_options(command: Any) -> Any:
         click.option("--autoscale", default=None, metavar="MIN:MAX",
                      help="Let Serve scale between MIN and MAX replicas on requests per replica "
                           "(target: --max-batch-size)."),
+        click.option("--health-check-period", "health_check_s", type=click.FloatRange(min=0.1), default=2.0,
+                     show_default=True, help="Seconds between Serve's health checks of a replica: a failed group "
+                     "is replaced after three failed checks in a row (Serve's threshold)."),
         click.option("--cpus-per-rank", type=click.FloatRange(min=0, min_open=True), default=1.0,
                      show_default=True, help="CPU cores Ray reserves for each rank (the threads of a CPU rank)."),
         click.option("--address", default=None,
@@ -133,8 +136,8 @@ def _import_ray() -> None:
                      f"--shards")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-         replicas: int, autoscale: Optional[str], cpus_per_rank: float, address: Optional[str],
-         num_cpus: Optional[int], object_store_mb: int, calibration_path: Optional[Path],
+         replicas: int, autoscale: Optional[str], health_check_s: float, cpus_per_rank: float,
+         address: Optional[str], num_cpus: Optional[int], object_store_mb: int, calibration_path: Optional[Path],
          calibration_samples: Optional[int], **serving: Any) -> None:
     """Serve the shards in SHARDS on Ray Serve: REPLICAS tensor-parallel groups behind engine.serve's HTTP API."""
     options = ServerOptions(**serving)
@@ -161,7 +164,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
                    err=True)
         started = True
         try:
-            serve.run(application(spec, replicas, scale), name=APP, route_prefix="/")
+            serve.run(application(spec, replicas, scale, health_check_s), name=APP, route_prefix="/")
         except RuntimeError as exc:  # a replica could not start (its error is in the log above)
             raise UsageError(f"the application did not deploy: {str(exc).strip().splitlines()[0]}") from None
         calibrated = f", {dtype} {calibration.description}" if calibration else ""
@@ -206,7 +209,7 @@ def build(args: Dict[str, Any]) -> Any:
                                      params["calibration_samples"], params["dtype"])
     spec = group_spec(params["shard_dir"], options, params["device"], params["dtype"], params["threads"],
                       params["timeout_s"], params["cpus_per_rank"], calibration)
-    return application(spec, params["replicas"], parse_autoscale(params["autoscale"]))
+    return application(spec, params["replicas"], parse_autoscale(params["autoscale"]), params["health_check_s"])
 
 
 if __name__ == "__main__":

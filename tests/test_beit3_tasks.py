@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 from _datatools import read_arrow
 from _paths import GOLDEN, needs
 from _beit3 import BEIT3, cut
-from _run import run_module, run_torchrun
+from _run import run_here, run_module, run_torchrun
 from engine.data.image import load_image
 from engine.data.spm import SentencePieceTokenizer
+from engine.forward import main as forward_main
 from engine.tasks.embeddings import load_embeddings
 from engine.tasks.results import read_results
 from test_nlvr2 import DEV, KEYS, _image_path, build_raw
@@ -32,8 +33,8 @@ def _shards(case: str, tp: int, out: Path) -> Path:
 def _forward(shards: Path, tensors: dict, folder: Path, task: str) -> dict:
     inputs, outputs = folder / f"{task}.in.safetensors", folder / f"{task}.out.safetensors"
     save_file(tensors, str(inputs))
-    ran = run_module("engine.forward", ["--shards", shards, "--inputs", inputs, "--out", outputs, "--task", task,
-                                        "--device", "cpu", "--dtype", "fp32"])
+    ran = run_here(forward_main, ["--shards", shards, "--inputs", inputs, "--out", outputs, "--task", task,
+                                  "--device", "cpu", "--dtype", "fp32"])  # the reference: tp 1, in this process
     assert ran.returncode == 0, ran.stderr
     return load_file(str(outputs))
 

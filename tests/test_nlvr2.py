@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 from _datatools import read_arrow, write_file
 from _faults import overflowing_shards
 from _paths import GOLDEN, needs
-from _run import invoke_refused, run_module, run_torchrun, shard_here
+from _run import invoke_refused, run_here, run_module, run_torchrun, shard_here
 from engine.data.image import load_image
 from engine.data.text import TextTokenizer
+from engine.forward import main as forward_main
 from engine.nlvr2 import main as nlvr2_main
 from engine.tasks.results import read_results
 
@@ -80,7 +81,8 @@ def setup(tmp_path_factory) -> dict:
     written = run_module("engine.data", ["nlvr2", "--root", raw, "--out", arrow])
     assert written.returncode == 0, written.stderr
     shard_here(CHECKPOINT, 2, shards)
-    return {"folder": folder, "raw": raw, "arrow": arrow, "shards": shards}
+    shard_here(CHECKPOINT, 1, folder / "shards_tp1")
+    return {"folder": folder, "raw": raw, "arrow": arrow, "shards": shards, "shards_tp1": folder / "shards_tp1"}
 
 
 def _args(setup: dict, out: Path, *extra: object) -> list:
@@ -97,14 +99,15 @@ def run_nlvr2(setup: dict, out: Path, *extra: object, nproc: int = 2) -> dict:
 
 @pytest.fixture(scope="module")
 def independent(setup: dict) -> dict:
-    """Logits per (identifier, question_index) from engine.forward on tensors made from the raw files."""
+    """Logits per (identifier, question_index) from engine.forward on tensors made from the raw files (at tp 1, in
+    this process: engine.nlvr2 runs at tp 2, and tp 2's forward is checked against tp 1 in test_tp_consistency)."""
     tokens = TextTokenizer()([sentence for _, sentence, _ in DEV])
     images = {f"image_{i}": torch.stack([load_image(_image_path(setup["raw"], pair, i).read_bytes(), IMAGE_SIZE)
                                          for pair, _ in KEYS]) for i in (0, 1)}
     inputs, outputs = setup["folder"] / "inputs.safetensors", setup["folder"] / "outputs.safetensors"
     save_file({**tokens, **images}, str(inputs))
-    ran = run_torchrun(2, "engine.forward", ["--shards", setup["shards"], "--inputs", inputs, "--out", outputs,
-                                             "--task", "nlvr2", "--device", "cpu", "--dtype", "fp32"])
+    ran = run_here(forward_main, ["--shards", setup["shards_tp1"], "--inputs", inputs, "--out", outputs,
+                                  "--task", "nlvr2", "--device", "cpu", "--dtype", "fp32"])
     assert ran.returncode == 0, ran.stderr
     return dict(zip(KEYS, load_file(str(outputs))["nlvr2_logits"]))
 

@@ -142,8 +142,9 @@ def test_two_replicas_at_tp_1_answer_every_golden_question_each_with_its_own_met
 def test_a_rank_that_dies_or_hangs_fails_its_replica_with_503_the_other_answers_and_ray_replaces_it(
         shards, cluster) -> None:
     timeout_s = 6  # a hung rank is noticed by the --timeout watchdog
+    # Serve stops a failed replica after three failed health checks in a row: 1.5 s after the fault here, about 6 s by default
     server = RayServer(["--shards", shards[2], *COMMON, "--replicas", 2, "--cpus-per-rank", 0.5, "--max-wait-ms", 5,
-                        "--timeout", timeout_s], cluster)
+                        "--timeout", timeout_s, "--health-check-period", 0.5], cluster)
     want = predictions()
     try:
         for fault, questions in ((signal.SIGKILL, QUESTIONS[:20]), (signal.SIGSTOP, QUESTIONS[20:40])):
@@ -249,5 +250,6 @@ def test_the_shipped_serve_configs_are_serve_configs_of_the_commands_options() -
                                                                              "cuda", 2)
     assert parse_autoscale(build_params(configs[1]["applications"][0]["args"])["autoscale"]) == (1, 4)
     params = build_params({"shards": "s", "dtype": "int8", "calibration": "/data/vqav2_train.arrow",
-                           "calibration_samples": 8})  # a config's args take --calibration too
+                           "calibration_samples": 8, "health_check_period": 0.5})  # --calibration too, and the rest
     assert (params["calibration_path"], params["calibration_samples"]) == (Path("/data/vqav2_train.arrow"), 8)
+    assert (params["health_check_s"], build_params(app.args)["health_check_s"]) == (0.5, 2.0)

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from _datatools import read_arrow
 from _paths import GOLDEN, needs
-from _run import run_module, shard_here
+from _run import run_here, shard_here
 from _serve import Server
+from engine.retrieval import main as retrieval_main
 
 COCO = GOLDEN / "coco_arrow_published"
 IRTR = GOLDEN / "tiny_relpos_irtr_e2e" / "checkpoint.pt"
@@ -47,9 +48,9 @@ def retrieval(tmp_path_factory):
 def test_embeddings_equal_engine_retrieval_save_embeddings(retrieval, tmp_path: Path) -> None:
     shards, server = retrieval
     saved = tmp_path / "embeddings.safetensors"
-    ran = run_module("engine.retrieval", ["--shards", shards, "--data", COCO, "--dataset", "coco", "--split", "test",
-                                          "--limit", LIMIT, "--device", "cpu", "--num-workers", 0,
-                                          "--summary", tmp_path / "summary.json", "--save-embeddings", saved])
+    ran = run_here(retrieval_main, ["--shards", shards, "--data", COCO, "--dataset", "coco", "--split", "test",
+                                    "--limit", LIMIT, "--device", "cpu", "--num-workers", 0,
+                                    "--summary", tmp_path / "summary.json", "--save-embeddings", saved])
     assert ran.returncode == 0, ran.stderr
     want = load_file(str(saved))
     with safe_open(str(saved), framework="pt") as handle:

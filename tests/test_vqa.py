@@ -1,5 +1,6 @@
 """`torchrun -m engine.vqa` end to end on the golden mini VQAv2: answers and metrics of the published pipeline,
-data × tensor parallel, resuming, undecodable images, test-split submissions, bad inputs and a rank that dies."""
+data × tensor parallel, resuming, undecodable images, test-split submissions, bad inputs and a rank that dies. What
+rank 0 alone does with the answers (the official accuracy, the submissions) is checked at tp 1, in this process."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import pytest
 from _datatools import read_arrow
 from _faults import overflowing_shards
 from _paths import GOLDEN, needs
-from _run import invoke_refused, run_torchrun, shard_here, start_torchrun
+from _run import invoke_refused, run_here, run_torchrun, shard_here, start_torchrun
 from engine.tasks.metrics import vqa_score
 from engine.tasks.results import read_results
 from engine.tasks.cli import UsageError
@@ -39,6 +40,13 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def shards_tp1(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vqa9") / "shards_tp1"
+    shard_here(CHECKPOINT, 1, out)
+    return out
+
+
 def _args(shards: Path, out: Path, data: Path, *extra: object) -> list:
     return ["--shards", shards, "--data", data, "--answers", ANSWERS, "--out", out, "--device", "cpu",
             "--dtype", "fp32", "--split", "val", "--batch-size", 8, "--num-workers", 1, *extra]
@@ -46,6 +54,13 @@ def _args(shards: Path, out: Path, data: Path, *extra: object) -> list:
 
 def run_vqa(nproc: int, shards: Path, out: Path, *extra: object, data: Path = ARROW):
     ran = run_torchrun(nproc, "engine.vqa", _args(shards, out, data, *extra))
+    assert ran.returncode == 0, ran.stderr
+    return ran
+
+
+def run_vqa_here(shards: Path, out: Path, *extra: object, data: Path = ARROW):
+    """engine.vqa at tp 1 in this process (`run_here`)."""
+    ran = run_here(vqa_main, _args(shards, out, data, *extra))
     assert ran.returncode == 0, ran.stderr
     return ran
 
@@ -161,11 +176,11 @@ def expected_official_accuracy(predictions: dict) -> tuple:
 
 
 @needs(RAW)
-def test_official_vqa_accuracy_end_to_end(shards: Path, tmp_path: Path) -> None:
+def test_official_vqa_accuracy_end_to_end(shards_tp1: Path, tmp_path: Path) -> None:
     arrow = tmp_path / "arrow"
     write_vqav2(RAW, arrow)
     out = tmp_path / "results.jsonl"
-    ran = run_vqa(2, shards, out, data=arrow)
+    ran = run_vqa_here(shards_tp1, out, data=arrow)
     assert "VQA accuracy" in ran.stdout and "official" in ran.stdout
     summary = assert_matches_published(out)
     overall, by_type = expected_official_accuracy(json.loads(EXPECTED.read_text())["predictions"])
@@ -182,9 +197,9 @@ def _test2015_ids() -> list:
 
 
 @pytest.fixture(scope="module")
-def test_submission(shards: Path, tmp_path_factory) -> list:
+def test_submission(shards_tp1: Path, tmp_path_factory) -> list:
     out = tmp_path_factory.mktemp("test") / "test.jsonl"
-    run_vqa(2, shards, out, "--split", "test")
+    run_vqa_here(shards_tp1, out, "--split", "test")
     assert "vqa_score" not in summary_of(out) and summary_of(out)["placeholder_answers"] == 0
     return json.loads(out.with_suffix(".submission.json").read_text())
 
@@ -195,7 +210,7 @@ def test_test_split_gives_an_evalai_submission(test_submission: list) -> None:
     assert all(set(s) == {"question_id", "answer"} and s["answer"] in answers for s in test_submission)
 
 
-def test_test_dev_submission_covers_every_test2015_question(shards: Path, test_submission: list,
+def test_test_dev_submission_covers_every_test2015_question(shards_tp1: Path, test_submission: list,
                                                              tmp_path: Path) -> None:
     # One test-dev image that does not decode: its questions get the placeholder too, never dropped.
     table = read_arrow(ARROW / "vqav2_test-dev.arrow")
@@ -205,7 +220,7 @@ def test_test_dev_submission_covers_every_test2015_question(shards: Path, test_s
     data = arrow_copy(table, tmp_path / "arrow", "test-dev")
     arrow_copy(read_arrow(ARROW / "vqav2_test.arrow"), data, "test")
     out = tmp_path / "test-dev.jsonl"
-    run_vqa(2, shards, out, "--split", "test-dev", data=data)
+    run_vqa_here(shards_tp1, out, "--split", "test-dev", data=data)
 
     submission = json.loads(out.with_suffix(".submission.json").read_text())
     assert [s["question_id"] for s in submission] == _test2015_ids()  # every test2015 question, once

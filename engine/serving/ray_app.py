@@ -40,7 +40,6 @@ from .app import ServerState, build_app
 from .metrics import ServerMetrics
 from .setup import Served, ServerOptions, follow_rank_zero, load_rank_zero, new_state, read_served
 
-HEALTH_CHECK_S = 2.0  # how often Serve asks a replica whether its group is whole
 HEALTH_CHECK_TIMEOUT_S = 20.0
 FLEET_CACHE_S = 1.0  # /health asks the controller at most this often
 CONSTRUCTOR_RETRIES = 3  # a replica whose group cannot form is retried this often, then the deploy fails
@@ -237,8 +236,10 @@ class GroupReplica:
             ray.kill(actor)
 
 
-def deployment_options(spec: GroupSpec, replicas: int, autoscale: Optional[Tuple[int, int]]) -> Dict[str, Any]:
-    """Serve's options for the deployment, its bounds taken from the server's own options."""
+def deployment_options(spec: GroupSpec, replicas: int, autoscale: Optional[Tuple[int, int]],
+                       health_check_s: float) -> Dict[str, Any]:
+    """Serve's options for the deployment, its bounds taken from the server's own options; Serve asks a replica
+    every `health_check_s` whether its group is whole."""
     options = spec.options
     bundle = spec.bundle()
     scaling: Dict[str, Any] = {"num_replicas": replicas}
@@ -260,14 +261,15 @@ def deployment_options(spec: GroupSpec, replicas: int, autoscale: Optional[Tuple
         "backpressure_config": {"status_code": 503, "retry_after_s": 1},
         "graceful_shutdown_timeout_s": options.drain_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.2,
-        "health_check_period_s": HEALTH_CHECK_S,
+        "health_check_period_s": health_check_s,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
         "logging_config": {"log_level": "WARNING", "enable_access_log": False},
     }
 
 
-def application(spec: GroupSpec, replicas: int, autoscale: Optional[Tuple[int, int]] = None) -> serve.Application:
+def application(spec: GroupSpec, replicas: int, autoscale: Optional[Tuple[int, int]],
+                health_check_s: float) -> serve.Application:
     """The Serve application: `replicas` (or autoscaled) tensor-parallel groups behind one HTTP route."""
     return serve.deployment(GroupReplica, name="vlmo").options(
-        **deployment_options(spec, replicas, autoscale)).bind(spec)
+        **deployment_options(spec, replicas, autoscale, health_check_s)).bind(spec)
