@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Dict, List
 
 import torch
 
@@ -22,8 +23,8 @@ from engine.runtime.shards import read_manifest
 from engine.tasks.cli import pick_task
 
 
-def main(plan_path: str) -> None:
-    plan = json.loads(Path(plan_path).read_text())
+def run_plan(plan: List[Dict[str, str]]) -> None:
+    """Every item of the plan in this process (at tp 1 alone: tests/_run.py's forward_many calls it directly)."""
     ctx = None
     for item in plan:
         shards = Path(item["shards"])
@@ -37,6 +38,10 @@ def main(plan_path: str) -> None:
         check_finite_outputs(outputs)
         if ctx.is_main:
             write_safetensors(item["out"], {k: v.float().contiguous() for k, v in outputs.items()})
+
+
+def main(plan_path: str) -> None:
+    run_plan(json.loads(Path(plan_path).read_text()))
     sys.stdout.flush()
     # As engine.tasks.cli.one_line_errors does: no interpreter teardown racing gloo's threads.
     os._exit(0)

@@ -61,14 +61,19 @@ def shard(checkpoint: Path, tp: int, out: Path, *extra: object) -> subprocess.Co
 def run_here(command, args: Sequence[object]) -> subprocess.CompletedProcess:
     """A click command run in this process (no interpreter start-up), reported as `run_module` reports the same
     command run as `python -m`. An exception other than the command's own exit fails here: in a subprocess it
-    would have printed a traceback."""
+    would have printed a traceback. The command's --threads (torch.set_num_threads) holds for it alone."""
+    import torch
     from click.testing import CliRunner
 
     try:
         runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout unless told not to
     except TypeError:
         runner = CliRunner()
-    result = runner.invoke(command, [str(a) for a in args])
+    threads = torch.get_num_threads()
+    try:
+        result = runner.invoke(command, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
     return subprocess.CompletedProcess(list(map(str, args)), result.exit_code, result.stdout, result.stderr)
 
@@ -88,10 +93,21 @@ def shard_here(checkpoint: Path, tp: int, out: Path, *extra: object) -> None:
 
 def forward_many(tp: int, items: Sequence[dict], plan: Path) -> None:
     """engine.forward for every item (shards, inputs, out[, task, dtype]) in one torchrun launch of tp ranks; at tp 1
-    one process alone, as `python -m engine.forward` runs there (torchrun's launcher would cost seconds of start-up)."""
-    plan.write_text(json.dumps([{k: str(v) for k, v in item.items()} for item in items]))
-    launch = _launcher(tp) if tp > 1 else [sys.executable]
-    ran = subprocess.run([*launch, str(Path(__file__).with_name("_forward_many.py")), str(plan)], cwd=REPO,
+    one process alone, as `python -m engine.forward` runs there: this one (a process of its own would cost seconds
+    of start-up)."""
+    steps = [{k: str(v) for k, v in item.items()} for item in items]
+    if tp == 1:
+        import torch
+        from _forward_many import run_plan
+
+        threads = torch.get_num_threads()
+        try:
+            run_plan(steps)
+        finally:
+            torch.set_num_threads(threads)  # init_parallel sets this process's threads
+        return
+    plan.write_text(json.dumps(steps))
+    ran = subprocess.run([*_launcher(tp), str(Path(__file__).with_name("_forward_many.py")), str(plan)], cwd=REPO,
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0, ran.stderr
 

@@ -9,7 +9,8 @@ import pytest
 
 from _paths import needs
 from _beit3 import BEIT3, cut
-from _run import run_torchrun
+from _run import run_here, run_torchrun
+from engine.bench import main as bench_main
 from engine.tools.beit3_assets import build_random_beit3, random_config
 from engine.models.beit3.infer import infer_config as infer_beit3_config
 from sharding.checkpoint import read_checkpoint
@@ -19,8 +20,10 @@ TINY = BEIT3 / "tiny_beit3_vqa"
 
 
 def _bench(shards: Path, tp: int, out: Path, *extra: object) -> dict:
-    ran = run_torchrun(tp, "engine.bench", ["--shards", shards, "--device", "cpu", "--batch-size", 2,
-                                            "--threads", 1, "--warmup", 1, "--iters", 2, "--json", out, *extra])
+    args = ["--shards", shards, "--device", "cpu", "--batch-size", 2, "--threads", 1, "--warmup", 1, "--iters", 2,
+            "--json", out, *extra]
+    # tp 1: one process, as `python -m engine.bench` runs there: this one
+    ran = run_here(bench_main, args) if tp == 1 else run_torchrun(tp, "engine.bench", args)
     assert ran.returncode == 0, ran.stderr
     return json.loads(out.read_text())
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from _paths import GOLDEN, needs
-from _run import forward_many, run_torchrun, shard_here
-from engine.bench import summary_line
+from _run import forward_many, run_here, run_torchrun, shard_here
+from engine.bench import main as bench_main, summary_line
 
 TINY = GOLDEN / "tiny_relpos_vqa"
 VQA_CASES = sorted(p.parent for p in GOLDEN.glob("tiny_*vqa*/inputs.safetensors")
@@ -39,8 +39,10 @@ def tiny_shards(tmp_path_factory) -> dict:
 
 
 def _bench(shards: Path, tp: int, out: Path, *extra: object) -> dict:
-    ran = run_torchrun(tp, "engine.bench", ["--shards", shards, "--device", "cpu", "--batch-size", 3,
-                                            "--threads", 1, "--warmup", 1, "--iters", 2, "--json", out, *extra])
+    args = ["--shards", shards, "--device", "cpu", "--batch-size", 3, "--threads", 1, "--warmup", 1, "--iters", 2,
+            "--json", out, *extra]
+    # tp 1: one process, as `python -m engine.bench` runs there: this one
+    ran = run_here(bench_main, args) if tp == 1 else run_torchrun(tp, "engine.bench", args)
     assert ran.returncode == 0, ran.stderr
     assert "samples/s" in ran.stdout
     return json.loads(out.read_text())

@@ -17,9 +17,10 @@ import torch
 from _beit3 import BEIT3, cut
 from _int8_replies import compare_replies, val_logits
 from _paths import GOLDEN, needs
-from _run import invoke_refused, run_module, run_torchrun, shard_here
+from _run import invoke_refused, run_here, run_torchrun, shard_here
 from _serve import Server
 from _vqa_requests import ANSWERS, RAW
+from engine.bench import main as bench_main
 from engine.layers.linear import parallel_linears
 from engine.layers.quantize import FLOAT_LAYERS, unpack_linears
 from engine.layers.smoothing import smoothing_factors, weight_ranges
@@ -32,6 +33,7 @@ from engine.tasks.calibration import read_calibration
 from engine.tasks.cli import UsageError
 from engine.tasks.results import read_identity, read_results
 from engine.tasks.tokenizers import make_tokenizer
+from engine.vqa import main as vqa_main
 
 ARROW = GOLDEN / "vqav2_arrow_published"
 TRAIN = ARROW / "vqav2_train.arrow"
@@ -60,13 +62,13 @@ def _vqa_args(shard_dir: Path, out: Path, *extra: object) -> list:
 
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory) -> Dict[str, Path]:
-    """engine.vqa --dtype int8: at tp 1, and calibrated on the train split at tp 1 and tp 2."""
+    """engine.vqa --dtype int8: at tp 1 (in this process), and calibrated on the train split at tp 1 and tp 2."""
     root = tmp_path_factory.mktemp("int8runs")
     out = {name: root / f"{name}.jsonl" for name in ("tp1", "tp1-cal", "tp2-cal")}
     for name, tp, extra in (("tp1", 1, []), ("tp1-cal", 1, ["--calibration", TRAIN]),
                             ("tp2-cal", 2, ["--calibration", TRAIN])):
         args = _vqa_args(shards[tp], out[name], *extra)
-        ran = run_module("engine.vqa", args) if tp == 1 else run_torchrun(tp, "engine.vqa", args)
+        ran = run_here(vqa_main, args) if tp == 1 else run_torchrun(tp, "engine.vqa", args)
         assert ran.returncode == 0, ran.stderr
     return out
 
@@ -116,7 +118,7 @@ def test_calibrated_int8_gives_the_same_answers_at_tp_1_and_2_and_records_its_ca
 def test_a_rerun_with_another_calibration_is_refused_naming_it(shards, runs, tmp_path) -> None:
     continued = tmp_path / "results.jsonl"
     continued.write_bytes(runs["tp1-cal"].read_bytes())
-    ran = run_module("engine.vqa", _vqa_args(shards[1], continued, "--calibration", TRAIN, "--calibration-samples", 16))
+    ran = run_here(vqa_main, _vqa_args(shards[1], continued, "--calibration", TRAIN, "--calibration-samples", 16))
     assert ran.returncode == 1 and ran.stderr.count("error:") == 1, ran.stderr
     assert "holds the results of another run (calibration: {file vqav2_train" in ran.stderr
     assert "samples 32" in ran.stderr and "samples 16" in ran.stderr and "Traceback" not in ran.stderr
@@ -203,11 +205,9 @@ def test_nlvr2_retrieval_and_beit3_files_calibrate_their_heads(case: str, tmp_pa
 
 
 def test_bad_calibration_input_is_refused_in_one_line_naming_it(shards, tmp_path: Path) -> None:
-    from engine.bench import main as bench_main
     from engine.ray_serve import main as ray_serve_main
     from engine.retrieval import main as retrieval_main
     from engine.serve import main as serve_main
-    from engine.vqa import main as vqa_main
 
     base = _vqa_args(shards[1], tmp_path / "out.jsonl")
     missing = tmp_path / "vqav2_nothing.arrow"
@@ -267,13 +267,12 @@ def test_int8_without_smoothing_does_not_continue_a_default_int8_results_file(sh
     continued = tmp_path / "results.jsonl"
     continued.write_bytes(runs["tp1"].read_bytes())
     monkeypatch.setenv("VLMO_INT8_SMOOTHING", "0")
-    ran = run_module("engine.vqa", _vqa_args(shards[1], continued))
+    ran = run_here(vqa_main, _vqa_args(shards[1], continued))
     assert ran.returncode == 1 and ran.stderr.count("error:") == 1, ran.stderr
     assert "holds the results of another run (int8: None recorded, {smoothing False} now)" in ran.stderr, ran.stderr
     assert continued.read_bytes() == runs["tp1"].read_bytes()
     monkeypatch.setenv("VLMO_INT8_SMOOTHING", "1")
     monkeypatch.setenv("VLMO_INT8_FLOAT_LAYERS", "one")
-    from engine.vqa import main as vqa_main
     invoke_refused(vqa_main, _vqa_args(shards[1], tmp_path / "new.jsonl"), "VLMO_INT8_FLOAT_LAYERS='one'",
                    "a number of layers")
 
@@ -291,9 +290,9 @@ def test_a_copy_that_gives_other_samples_is_refused_where_it_is_read_again(shard
 
 def test_bench_reports_its_calibration_and_checks_the_calibrated_model_against_fp32(shards, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    ran = run_module("engine.bench", ["--shards", shards[1], "--device", "cpu", "--dtype", "int8", "--threads", 1,
-                                      "--batch-size", 3, "--warmup", 1, "--iters", 2, "--check-fp32",
-                                      "--calibration", TRAIN, "--calibration-samples", 16, "--json", out])
+    ran = run_here(bench_main, ["--shards", shards[1], "--device", "cpu", "--dtype", "int8", "--threads", 1,
+                                "--batch-size", 3, "--warmup", 1, "--iters", 2, "--check-fp32",
+                                "--calibration", TRAIN, "--calibration-samples", 16, "--json", out])
     assert ran.returncode == 0, ran.stderr
     assert "int8 calibrated on 16 samples of vqav2_train.arrow:" in ran.stdout and "vs fp32: top-1" in ran.stdout
     calibrated = json.loads(out.read_text())

@@ -100,7 +100,7 @@ def run_nlvr2(setup: dict, out: Path, *extra: object, nproc: int = 2) -> dict:
 @pytest.fixture(scope="module")
 def independent(setup: dict) -> dict:
     """Logits per (identifier, question_index) from engine.forward on tensors made from the raw files (at tp 1, in
-    this process: engine.nlvr2 runs at tp 2, and tp 2's forward is checked against tp 1 in test_tp_consistency)."""
+    this process: engine.nlvr2 runs at tp 2, whose forward test_golden_parity checks against the published one)."""
     tokens = TextTokenizer()([sentence for _, sentence, _ in DEV])
     images = {f"image_{i}": torch.stack([load_image(_image_path(setup["raw"], pair, i).read_bytes(), IMAGE_SIZE)
                                          for pair, _ in KEYS]) for i in (0, 1)}
