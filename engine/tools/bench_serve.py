@@ -27,7 +27,7 @@ from ..serving.client import Client, request_body, run_load, samples_from_arrow,
 from .demo_pipeline import prepare_assets
 from ..atomic import atomic_path, write_json
 from ..options import option_group
-from .bench_study import _free_port, run_bench
+from .bench_study import _free_port, launcher, run_bench
 
 TP = 2
 
@@ -40,14 +40,14 @@ def server_args(shards: Path, answers: Path, dtype: str, threads: int, port: int
 
 
 class ServerProcess:
-    """`torchrun -m engine.serve` in its own session; stopped as a user stops it, with SIGTERM to rank 0."""
+    """`torchrun -m engine.serve` in its own session (at tp 1 `python -m engine.serve`: torchrun's launcher would
+    add seconds of start-up); stopped as a user stops it, with SIGTERM to rank 0."""
 
     def __init__(self, shards: Path, answers: Path, dtype: str, threads: int, extra: Sequence[str],
                  device: str = "cpu", tp: int = TP, up_within_s: float = 600, log=None) -> None:
         self.port = _free_port()
-        self._start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "--master-port",
-                     str(_free_port()), "-m", "engine.serve",
-                     *server_args(shards, answers, dtype, threads, self.port, device), *extra], up_within_s, log)
+        self._start([*launcher(tp), "-m", "engine.serve", *server_args(shards, answers, dtype, threads, self.port, device),
+                     *extra], up_within_s, log)
 
     def _start(self, cmd: List[str], up_within_s: float = 600, log=None) -> None:
         click.echo("$ " + " ".join(cmd), err=True)
@@ -71,6 +71,8 @@ class ServerProcess:
         return [int(pid) for pid in children.read_text().split()] if children.exists() else []
 
     def _rank_zero(self) -> Optional[int]:
+        if self.proc.args[1:3] == ["-m", "engine.serve"]:  # no launcher: the server itself
+            return self.proc.pid
         return next((pid for pid in self._workers()
                      if b"RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")), None)
 

@@ -61,6 +61,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launcher(tp: int) -> List[str]:
+    """What starts a `-m module` command on tp ranks of this machine: torchrun, or at tp 1 the interpreter alone
+    (torchrun's launcher adds seconds of start-up, and one process needs no rendezvous)."""
+    if tp == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "--master-port",
+            str(_free_port())]
+
+
 def run_bench(shards: Path, tp: int, dtype: str, batch: int, threads: int, warmup: int, iters: int,
               out: Path) -> Dict[str, Any]:
     """One `torchrun -m engine.bench` run; its JSON report."""

@@ -33,6 +33,7 @@ import click
 import torch
 
 from ..atomic import write_json
+from .bench_study import launcher
 
 REPO = Path(__file__).resolve().parents[2]
 SERVING_PACKAGES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
@@ -47,12 +48,6 @@ MIB = 1 << 20
 
 class StepFailed(RuntimeError):
     """A step could not finish; the message says why (one line)."""
-
-
-def _free_port() -> int:
-    from .bench_study import _free_port as free
-
-    return free()
 
 
 def environment(device: str) -> Dict[str, Any]:
@@ -112,12 +107,12 @@ def shard(checkpoint: Path, tp: int, out: Path, extra: Sequence[str]) -> Path:
 
 
 def run_worker(device: str, tp: int, plan: Dict[str, Any], work: Path, timeout_s: float, log: Path) -> Dict:
-    """One torchrun launch of engine.tools.gpu_worker on tp ranks; rank 0's results."""
+    """One torchrun launch of engine.tools.gpu_worker on tp ranks (at tp 1 the worker alone, without torchrun's
+    seconds of start-up); rank 0's results."""
     plan_path, out = work / f"plan_tp{tp}.json", work / f"results_tp{tp}.json"
     write_json(plan_path, {"device": device, **plan}, indent=1)
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "--master-port",
-           str(_free_port()), "-m", "engine.tools.gpu_worker", str(plan_path), str(out)]
+    cmd = [*launcher(tp), "-m", "engine.tools.gpu_worker", str(plan_path), str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with log.open("a") as sink:
         sink.write("$ " + " ".join(cmd) + "\n")
