@@ -1,6 +1,6 @@
-"""engine.serve for retrieval and NLVR2 checkpoints (tp 1, `python -m`): /v1/embeddings equals what
-`engine.retrieval --save-embeddings` writes for the same images and captions, in both OpenAI encodings, and
-/v1/nlvr2 equals the model run on evaluation's preprocessing."""
+"""engine.serve for retrieval and NLVR2 checkpoints (tp 1, `python -m`; the session's servers, conftest's
+`head_servers`): /v1/embeddings equals what `engine.retrieval --save-embeddings` writes for the same images and
+captions, in both OpenAI encodings, and /v1/nlvr2 equals the model run on evaluation's preprocessing."""
 from __future__ import annotations
 
 import base64
@@ -14,17 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _datatools import read_arrow
+from _head_servers import CHECKPOINTS, COCO
 from _paths import GOLDEN, needs
-from _run import run_here, shard_here
-from _serve import Server
+from _run import run_here
 from engine.retrieval import main as retrieval_main
 
-COCO = GOLDEN / "coco_arrow_published"
-IRTR = GOLDEN / "tiny_relpos_irtr_e2e" / "checkpoint.pt"
-NLVR2 = GOLDEN / "tiny_relpos_nlvr2" / "checkpoint.pt"
 RAW_VAL = GOLDEN / "vqav2_raw" / "val2014"
 
-pytestmark = [needs(COCO), needs(IRTR), needs(NLVR2), needs(RAW_VAL)]
+pytestmark = [needs(COCO), needs(CHECKPOINTS["irtr"]), needs(CHECKPOINTS["nlvr2"]), needs(RAW_VAL)]
 LIMIT = 3  # images of the test split (and their captions)
 
 
@@ -32,17 +29,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def sharded(checkpoint: Path, out: Path) -> Path:
-    shard_here(checkpoint, 1, out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def retrieval(tmp_path_factory):
-    shards = sharded(IRTR, tmp_path_factory.mktemp("irtr") / "shards")
-    running = Server(1, ["--shards", shards, "--max-wait-ms", 50])
-    yield shards, running
-    running.kill()
+def retrieval(head_servers):
+    return head_servers.shards["irtr"], head_servers.servers["irtr"]
 
 
 def test_embeddings_equal_engine_retrieval_save_embeddings(retrieval, tmp_path: Path) -> None:
@@ -97,13 +86,13 @@ def test_embeddings_refuse_bad_inputs_and_other_heads(retrieval) -> None:
     assert models["data"][0]["tasks"] == ["text_embedding", "image_embedding"]
 
 
-def test_nlvr2_equals_the_model_on_evaluation_preprocessing(tmp_path_factory) -> None:
+def test_nlvr2_equals_the_model_on_evaluation_preprocessing(head_servers) -> None:
     from engine.data.image import load_image
     from engine.data.text import TextTokenizer
     from engine.runtime.distributed import ParallelContext
     from engine.runtime.loading import load_model
 
-    shards = sharded(NLVR2, tmp_path_factory.mktemp("nlvr2") / "shards")
+    shards, server = head_servers.shards["nlvr2"], head_servers.servers["nlvr2"]
     paths = sorted(RAW_VAL.iterdir())[:2]
     pair = [p.read_bytes() for p in paths]
     sentence = "The left image contains exactly two shapes."
@@ -116,16 +105,11 @@ def test_nlvr2_equals_the_model_on_evaluation_preprocessing(tmp_path_factory) ->
                              load_image(pair[1], size)[None])[0]
     expected = dict(zip(("False", "True"), logits.softmax(-1).tolist()))
 
-    server = Server(1, ["--shards", shards])
-    try:
-        status, _, body = server.post_json("/v1/nlvr2", {"images": [b64(b) for b in pair], "sentence": sentence})
-        assert status == 200, body
-        assert body["label"] == ("True" if logits[1] > logits[0] else "False")
-        assert body["probabilities"] == pytest.approx(expected, abs=1e-5)
-        status, _, form = server.post_form("/v1/nlvr2", {"sentence": sentence},
-                                           {"image_0": pair[0], "image_1": pair[1]})
-        assert status == 200 and form["label"] == body["label"], form
-        status, _, reply = server.post_json("/v1/nlvr2", {"images": [b64(pair[0])], "sentence": sentence})
-        assert status == 400 and reply["error"].startswith("images: List should have at least 2 items")
-    finally:
-        server.kill()
+    status, _, body = server.post_json("/v1/nlvr2", {"images": [b64(b) for b in pair], "sentence": sentence})
+    assert status == 200, body
+    assert body["label"] == ("True" if logits[1] > logits[0] else "False")
+    assert body["probabilities"] == pytest.approx(expected, abs=1e-5)
+    status, _, form = server.post_form("/v1/nlvr2", {"sentence": sentence}, {"image_0": pair[0], "image_1": pair[1]})
+    assert status == 200 and form["label"] == body["label"], form
+    status, _, reply = server.post_json("/v1/nlvr2", {"images": [b64(pair[0])], "sentence": sentence})
+    assert status == 400 and reply["error"].startswith("images: List should have at least 2 items")

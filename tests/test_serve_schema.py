@@ -6,69 +6,40 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from _paths import GOLDEN, needs
-from _run import _env, shard_here
+from _head_servers import CHECKPOINTS, COCO
+from _paths import needs
+from _run import _env
 from _serve import Server, png_header
 from _vqa_requests import ANSWERS, b64, val_questions
-from engine.index.__main__ import main as index_main
 
-CHECKPOINTS = {"vqa": GOLDEN / "tiny_relpos_vqa9" / "checkpoint.pt",
-               "nlvr2": GOLDEN / "tiny_relpos_nlvr2" / "checkpoint.pt",
-               "irtr": GOLDEN / "tiny_relpos_irtr" / "checkpoint.pt"}
-COCO = GOLDEN / "coco_arrow_published"
 pytestmark = [needs(path) for path in CHECKPOINTS.values()] + [needs(ANSWERS), needs(COCO)]
 POSTS = ("/v1/vqa", "/v1/chat/completions", "/v1/nlvr2", "/v1/embeddings", "/v1/search")
 GETS = ("/", "/health", "/metrics", "/v1/models", "/search", "/v1/images/{ident}")
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory) -> Dict[str, Server]:
-    """A tp-1 server per head, started side by side (start-up is most of the time); the retrieval one also serves
-    an image index (the search endpoints)."""
-    root = tmp_path_factory.mktemp("schema")
-    started: Dict[str, object] = {}
-    shard_here(CHECKPOINTS["irtr"], 1, root / "irtr")
-    built = CliRunner().invoke(index_main, ["build", "--shards", str(root / "irtr"), "--data", str(COCO), "--split",
-                                            "test", "--out", str(root / "index"), "--device", "cpu", "--num-workers",
-                                            "0"])
-    assert built.exit_code == 0, built.output
+def servers(head_servers) -> Dict[str, Server]:
+    """A tp-1 server per head; the retrieval one also serves an image index (the search endpoints)."""
+    return head_servers.servers
 
-    def start(task: str) -> None:
-        if task != "irtr":
-            shard_here(CHECKPOINTS[task], 1, root / task)
-        args = ["--shards", root / task, "--max-image-pixels", 1_000_000, "--max-wait-ms", 1]
-        args += ["--index", root / "index"] if task == "irtr" else []
-        try:
-            started[task] = Server(1, args + (["--answers", ANSWERS] if task == "vqa" else []))
-        except Exception as exc:  # reported below, not lost in the thread
-            started[task] = exc
 
-    threads = [threading.Thread(target=start, args=(task,)) for task in CHECKPOINTS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        for task, server in started.items():
-            assert isinstance(server, Server), f"{task}: {server}"
-        yield started
-    finally:
-        for server in started.values():
-            if isinstance(server, Server):
-                server.kill()
+def answered(server: Server, path: str) -> float:
+    """How many requests to `path` the server answered with 200 (its /metrics)."""
+    found = re.search(rf'vlmo_requests_total\{{endpoint="{re.escape(path)}",status="200"\}} (\S+)',
+                      server.get("/metrics")[2])
+    return float(found.group(1)) if found else 0.0
 
 
 def test_schemathesis_finds_no_server_error_and_no_response_outside_the_schema(servers: Dict[str, Server],
@@ -76,6 +47,8 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_the_schema(s
     # Every check but "a schema-valid request is accepted": random strings are valid base64-image strings to the
     # schema, not images. Negative cases (schema-violating bodies) must get a documented 4xx.
     cache = tmp_path  # schemathesis keeps its cache in the working directory
+    answered_paths = {"vqa": "/v1/vqa", "nlvr2": "/v1/nlvr2", "irtr": "/v1/search"}  # the examples reach the model
+    before = {task: answered(server, answered_paths[task]) for task, server in servers.items()}
     runs = {task: subprocess.Popen(
         [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/openapi.json",
          "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--mode", "all",
@@ -88,11 +61,10 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_the_schema(s
         assert run.returncode == 0, f"{task}:\n{output}"
         assert f"{operations} selected / {operations} total" in output, output
         assert " passed" in output and "failed" not in output, output
-    answered = {"vqa": "/v1/vqa", "nlvr2": "/v1/nlvr2", "irtr": "/v1/search"}  # the examples reach the model
     for task, server in servers.items():
         metrics = server.get("/metrics")[2]
         assert 'status="500"' not in metrics and "Traceback" not in "".join(server.log), task
-        assert f'endpoint="{answered[task]}",status="200"' in metrics, (task, metrics)
+        assert answered(server, answered_paths[task]) > before[task], (task, metrics)
 
 
 def test_openapi_and_docs_describe_every_endpoint_with_its_models(servers: Dict[str, Server]) -> None:
