@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from _paths import REPO
-from _run import _env, run_module
+from _run import _env, run_here
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,9 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def test_demo_runs_the_vqa_pipeline_and_says_the_weights_are_random(workdir: Path) -> None:
-    ran = run_module("engine.demo", ["--model", "tiny", "--workdir", workdir])
+    from engine.demo import main
+
+    ran = run_here(main, ["--model", "tiny", "--workdir", workdir])  # in this process: its steps have their own
     assert ran.returncode == 0, ran.stderr
     assert "RANDOM" in ran.stdout and "VQA score" in ran.stdout
     for step in ("python -m engine.data vqav2", "make shard", "torchrun --standalone --nproc-per-node 2 -m engine.vqa"):

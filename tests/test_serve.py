@@ -337,14 +337,17 @@ def test_the_web_page_in_a_headless_browser_shows_the_top_5_answers_and_the_late
     assert shown["latency"].startswith("server ") and " ms" in shown["latency"]
 
 
-def test_engine_ask_prints_the_answer_and_top_k_and_refuses_bad_input_in_one_line(shards: Path) -> None:
-    from _run import invoke_refused, run_torchrun
+def test_engine_ask_prints_the_answer_and_top_k_and_refuses_bad_input_in_one_line(shards: Path,
+                                                                                   tmp_path: Path) -> None:
+    """At tp 1 in this process (test_serve_beit3 asks at tp 2)."""
+    from _run import invoke_refused, run_here
     from engine.ask import main as ask_main
 
     q = QUESTIONS[5]
     image = RAW / "val2014" / f"COCO_val2014_{q['image_id']:012d}.jpg"
-    ran = run_torchrun(2, "engine.ask", ["--shards", shards, "--answers", ANSWERS, "--image", image,
-                                         "--question", q["question"], "--device", "cpu", "--top-k", 3, "--json"])
+    shard_here(CHECKPOINT, 1, tmp_path / "tp1")
+    ran = run_here(ask_main, ["--shards", tmp_path / "tp1", "--answers", ANSWERS, "--image", image,
+                              "--question", q["question"], "--device", "cpu", "--top-k", 3, "--json"])
     assert ran.returncode == 0, ran.stderr
     (line,) = ran.stdout.splitlines()
     result = json.loads(line)
@@ -374,19 +377,20 @@ def test_engine_ask_bounds_images_by_its_own_max_image_pixels(shards: Path, tmp_
 
 
 def test_loadgen_reports_latency_percentiles_and_rate_against_the_server(server: Server, tmp_path: Path) -> None:
-    from _run import run_module
+    from _run import run_here
+    from engine.loadgen import main as loadgen_main
 
-    out = tmp_path / "load.json"
-    ran = run_module("engine.loadgen", ["--url", server.url, "--data", GOLDEN / "vqav2_arrow_published",
-                                        "--split", "val", "--requests", 12, "--rate", 40, "--concurrency", 4,
-                                        "--endpoint", "chat", "--json", out])
+    out = tmp_path / "load.json"  # loadgen in this process: a client needs no process of its own here
+    ran = run_here(loadgen_main, ["--url", server.url, "--data", GOLDEN / "vqav2_arrow_published", "--split", "val",
+                                  "--requests", 12, "--rate", 40, "--concurrency", 4, "--endpoint", "chat",
+                                  "--json", out])
     assert ran.returncode == 0, ran.stderr
     report = json.loads(out.read_text())
     assert (report["requests"], report["ok"], report["errors"], report["offered_rate"]) == (12, 12, {}, 40)
     lat = report["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] and report["requests_per_s"] > 0
     assert "req/s" in ran.stdout and "p99" in ran.stdout
-    refused = run_module("engine.loadgen", ["--url", server.url, "--data", tmp_path, "--requests", 1, "--rate", "inf"])
+    refused = run_here(loadgen_main, ["--url", server.url, "--data", tmp_path, "--requests", 1, "--rate", "inf"])
     assert refused.returncode == 1 and refused.stderr.startswith("error: missing arrow file")
 
 
