@@ -162,7 +162,7 @@ def add(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[in
               help="Queries per forward pass.")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
-@tokenizer_option
+@tokenizer_option()
 @one_line_errors
 def search(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
            index_dir: Path, texts: Tuple[str, ...], images: Tuple[Path, ...], queries_file: Optional[Path],

@@ -95,7 +95,7 @@ def server_options(command: Callable) -> Callable:
                      "[default: the checkpoint's file name]."),
         click.option("--vocab", type=click.Path(path_type=Path), default=None,
                      help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine]."),
-        tokenizer_option,
+        tokenizer_option(),
     ])(command)
 
 
