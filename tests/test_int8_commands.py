@@ -417,6 +417,7 @@ def test_serve_int8_calibrated_answers_over_http_as_engine_vqa_at_tp_2(shards, r
         (card,) = server.get("/v1/models")[2]["data"]
         assert card["calibration"] == {"file": "vqav2_train.arrow", "samples": 32,
                                        "keys_sha256": first_train_keys_sha256(32)}
+        assert card["int8_variant"] is None  # the default int8
         # against tp 1's logits: int8 at tp 2 rounds each rank's share apart (logits move by a few hundredths)
         compare_replies(server, _answers(runs["tp2-cal"]), logits["int8-cal"], 0.02, DECIDED)
     finally:

@@ -197,7 +197,7 @@ def load_rank_zero(state: ServerState, shard_dir: Path, device: str, dtype: Opti
         click.echo(f"note: {note}", err=True)
     if padded:
         state.batcher.buckets = DEFAULT_BUCKETS  # batches pad to the graphs' sizes
-    state.dtype, state.calibration = engine.dtype, engine.calibration
+    state.dtype, state.calibration, state.int8_variant = engine.dtype, engine.calibration, engine.int8_variant
     state.runner.channel = channel
     return True
 
