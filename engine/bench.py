@@ -25,10 +25,21 @@ def summary_line(report: Dict[str, Any]) -> str:
             f"{report['peak_gflop_per_s']:.0f} GFLOP/s peak ({100 * report['fraction_of_peak']:.0f}%"
             + _roofline_text(report.get("int8_roofline")) + ")"
             + _attention_text(report["attention_per_rank"][0])
-            + f", all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward"
-            + (f" (Sub-LN statistics {report['subln_allreduce_ms_per_forward']:.1f})"
-               if report["subln_allreduce_ms_per_forward"] else "") + f"; {report['cuda_graphs']}"
+            + f", all-reduce {report['allreduce_ms_per_forward']:.1f} ms/forward" + _allreduce_text(report)
+            + f"; {report['cuda_graphs']}"
             + (_agreement_text(report["vs_fp32"]) if "vs_fp32" in report else ""))
+
+
+def _allreduce_text(report: Dict[str, Any]) -> str:
+    if not report["allreduce_calls_per_forward"]:
+        return ""
+    parts = []
+    if report["allreduce_own_ms_per_forward"] is not None:
+        parts = [f"{report['allreduce_own_ms_per_forward']:.1f} moving data",
+                 f"up to {max(report['allreduce_wait_ms_per_forward_per_rank']):.1f} waiting for a slower rank"]
+    if report["subln_allreduce_ms_per_forward"]:
+        parts.append(f"Sub-LN statistics {report['subln_allreduce_ms_per_forward']:.1f}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _roofline_text(roofline: Optional[Dict[str, Any]]) -> str:

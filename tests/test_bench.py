@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from _paths import GOLDEN, needs
 from _run import forward_many, run_torchrun, shard_here
+from engine.bench import summary_line
 
 TINY = GOLDEN / "tiny_relpos_vqa"
 VQA_CASES = sorted(p.parent for p in GOLDEN.glob("tiny_*vqa*/inputs.safetensors")
@@ -84,6 +85,11 @@ def test_bench_report_fields(reports: dict, tp: int) -> None:
     # text and image tokens go to their own experts (the multiway step reduces both at once)
     assert report["allreduce_calls_per_forward"] == (0 if tp == 1 else 2 * 4)
     assert (report["allreduce_ms_per_forward"] > 0) == (tp > 1)
+    # the all-reduce time of the rank that waited longest: the calls' own cost plus its wait for the other
+    waits = report["allreduce_wait_ms_per_forward_per_rank"]
+    assert len(waits) == tp and min(waits) >= 0 and report["allreduce_own_ms_per_forward"] >= 0
+    assert report["allreduce_own_ms_per_forward"] + max(waits) == pytest.approx(report["allreduce_ms_per_forward"])
+    assert ("moving data" in summary_line(report)) == (tp > 1)
 
 
 @needs(TINY)
@@ -150,7 +156,8 @@ def _run_report(dtype: str, tp: int, batch: int, p50: float) -> dict:
     return {"dtype": dtype, "tp": tp, "batch_size": batch, "threads_per_rank": 1, "device": "cpu: test (1 thread)",
             "latency_ms": {"mean": p50, "p50": p50, "min": p50}, "samples_per_s": batch / (p50 / 1e3),
             "achieved_gflop_per_s": 100.0, "fraction_of_peak": 0.5, "allreduce_ms_per_forward": 0.0,
-            "weights_bytes_per_rank": [100 // tp] * tp, "peak_rss_bytes_per_rank": [1000] * tp}
+            "weights_bytes_per_rank": [100 // tp] * tp, "peak_rss_bytes_per_rank": [1000] * tp,
+            "allreduce_wait_ms_per_forward_per_rank": [0.0] if tp == 1 else [0.25, 12.75]}
 
 
 def test_study_speedups_table_and_figure(tmp_path: Path) -> None:
@@ -164,5 +171,6 @@ def test_study_speedups_table_and_figure(tmp_path: Path) -> None:
     assert len(scaling) == 4 and all(s["speedup_p50"] == pytest.approx(2000 / 1100) for s in scaling)
     assert all(s["weights_ratio"] == 0.5 for s in scaling)
     assert table(runs, scaling).count("1.82x") == 4
+    assert table(runs, scaling).count(" 12.8 ") == 4  # the tp 2 rows' longest wait at an all-reduce
     with Image.open(figure(runs, scaling, tmp_path / "scaling.png")) as png:
         assert png.size[0] > 1000 and png.size[1] > 300

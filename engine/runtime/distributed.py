@@ -53,6 +53,8 @@ class ParallelContext:
     # host seconds and calls of the tensor-parallel all-reduces, per purpose ("activations", "subln", ...)
     comm_seconds: Dict[str, float] = field(default_factory=dict)
     comm_calls: Dict[str, int] = field(default_factory=dict)
+    # while a list: every all-reduce's host seconds, in call order (engine.bench: which rank waited for which)
+    comm_log: Optional[List[float]] = None
 
     # where this rank sits: its place in its tensor-parallel group, and its group's among the model copies
     tp_rank: int = field(init=False)
@@ -94,8 +96,11 @@ class ParallelContext:
         if self.shared is None or not self.shared(tensor):
             with self.health.guard("all-reduce"):
                 dist.all_reduce(tensor, group=self.tp_group)
-        self.comm_seconds[purpose] = self.comm_seconds.get(purpose, 0.0) + time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.comm_seconds[purpose] = self.comm_seconds.get(purpose, 0.0) + seconds
         self.comm_calls[purpose] = self.comm_calls.get(purpose, 0) + 1
+        if self.comm_log is not None:
+            self.comm_log.append(seconds)
         return tensor
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:

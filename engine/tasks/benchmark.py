@@ -20,7 +20,7 @@ import platform
 import resource
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -197,23 +197,36 @@ def _comm(ctx: ParallelContext, purpose: Optional[str] = None) -> Tuple[float, i
 
 def time_forward(engine: Engine, task: str, inputs: Dict[str, torch.Tensor], warmup: int,
                  iters: int, graphs: GraphRunner) -> Dict[str, Any]:
-    """Per-iteration latency (this rank) and the all-reduce time spent in the timed iterations (in a graph's
-    replay the all-reduce runs inside the graph and is not counted)."""
+    """Per-iteration latency (this rank) and the all-reduce time spent in the timed iterations, in total and call
+    by call (in a graph's replay the all-reduce runs inside the graph and is not counted)."""
     ctx = engine.ctx
     for _ in range(warmup):
         graphs(task, inputs)
-    seconds = []
+    seconds: List[float] = []
     (comm_before, calls_before), (subln_before, _) = _comm(ctx), _comm(ctx, "subln")
-    for _ in range(iters):
-        ctx.barrier()  # start together: the slowest rank is the latency
-        ctx.synchronize()
-        start = time.perf_counter()
-        graphs(task, inputs)
-        ctx.synchronize()
-        seconds.append(time.perf_counter() - start)
+    ctx.comm_log = calls = []
+    try:
+        for _ in range(iters):
+            ctx.barrier()  # start together: the slowest rank is the latency
+            ctx.synchronize()
+            start = time.perf_counter()
+            graphs(task, inputs)
+            ctx.synchronize()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        ctx.comm_log = None
     (comm_after, calls_after), (subln_after, _) = _comm(ctx), _comm(ctx, "subln")
     return {"seconds": seconds, "comm_s": comm_after - comm_before, "comm_calls": calls_after - calls_before,
-            "subln_s": subln_after - subln_before}
+            "subln_s": subln_after - subln_before, "comm_log": calls}
+
+
+def allreduce_waits(logs: Sequence[Sequence[float]]) -> Tuple[float, List[float]]:
+    """One tensor-parallel group's all-reduce seconds, call by call on each rank, split into the calls' own cost
+    and each rank's wait for a slower peer. The last rank to reach a call waits for no one, so the shortest of
+    a call's times is its own cost (moving and adding the data); what a rank spent beyond that, it waited.
+    Returns (the calls' own seconds, each rank's waiting seconds)."""
+    own = [min(times) for times in zip(*logs)]
+    return sum(own), [sum(t - o for t, o in zip(log, own)) for log in logs]
 
 
 def compare_fp32(shard_dir: Path, engine: Engine, task: str, inputs: Dict[str, torch.Tensor],
@@ -266,7 +279,7 @@ def bench_engine(engine: Engine, shard_dir: Path, task: str, batch_size: int, wa
         if check_fp32 and dtype != "fp32" else None
     mine = {
         "seconds": timed["seconds"], "comm_s": timed["comm_s"], "comm_calls": timed["comm_calls"],
-        "subln_s": timed["subln_s"], "peak": peak, "fp32_peak": fp32_peak,
+        "comm_log": timed["comm_log"], "subln_s": timed["subln_s"], "peak": peak, "fp32_peak": fp32_peak,
         "int8_gflop": int8_gflop(gemms) / batch_size,
         "load_s": engine.load_s, "rss": _peak_rss_bytes(), "weights": _module_bytes([*model.parameters(), *model.buffers()]),
         "position_bias": _module_bytes(model.cached_position_biases()),
@@ -289,6 +302,9 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfi
     samples_per_s = ctx.dp_size * batch_size / (latency["mean"] / 1e3)
     gflop = forward_gflop(cfg, task)
     peak = sum(r["peak"] for r in ranks)
+    # on accelerators an all-reduce's host time is its launch's: who waited for whom is not seen there
+    own_s, waits_s = allreduce_waits([r["comm_log"] for r in ranks[:ctx.tp_size]]) \
+        if ctx.device.type == "cpu" else (None, None)
     report = {
         "tp": ctx.tp_size, "world_size": ctx.world_size, "threads_per_rank": torch.get_num_threads(),
         "batch_size": batch_size, "dtype": dtype, "task": task, "device": device_name(ctx.device),
@@ -318,6 +334,10 @@ def summarise(ranks: List[Dict[str, Any]], ctx: ParallelContext, cfg: ModelConfi
         "load_s_per_rank": [r["load_s"] for r in ranks],
         "allreduce_ms_per_forward": 1e3 * max(r["comm_s"] for r in ranks) / iters,
         "allreduce_calls_per_forward": ranks[0]["comm_calls"] / iters,
+        # CPU: of that time, the calls' own cost and what each rank of the first group spent waiting for a slower
+        # one (ranks that run unevenly, as on a busy host, wait at every all-reduce: tp scaling shows it)
+        "allreduce_own_ms_per_forward": None if own_s is None else 1e3 * own_s / iters,
+        "allreduce_wait_ms_per_forward_per_rank": None if waits_s is None else [1e3 * w / iters for w in waits_s],
         # BEiT-3: the share of the all-reduce time spent on the Sub-LN statistics (0 for VLMo)
         "subln_allreduce_ms_per_forward": 1e3 * max(r["subln_s"] for r in ranks) / iters,
     }
