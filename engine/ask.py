@@ -43,7 +43,7 @@ def _read(path: Path, limits: Limits) -> bytes:
 @click.option("--top-k", default="5", show_default=True, help="Answers to list (VQA).")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
-@tokenizer_option
+@tokenizer_option()
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Largest image in pixels, checked before decoding (decompression bombs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as /v1/vqa (or /v1/nlvr2) returns it.")

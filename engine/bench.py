@@ -11,10 +11,9 @@ from .atomic import write_json
 from .models.tasks import HEAD_TASKS
 from .runtime.shards import read_manifest
 from .tasks.benchmark import run_bench
-from .tasks.calibration import Calibration, calibration_options, read_calibration
+from .tasks.calibration import Calibration, calibration_with_tokenizer, read_run_calibration
 from .tasks.cli import engine_options, one_line_errors, pick_task, writable
 from .tasks.frontend import calibrated_dtype
-from .tasks.tokenizers import make_tokenizer, tokenizer_option
 
 
 def summary_line(report: Dict[str, Any]) -> str:
@@ -79,9 +78,8 @@ def _agreement_text(vs: Dict[str, Any]) -> str:
                    "mode where torch_npu has it); elsewhere it runs eagerly and the report says why.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Write the report here (rank 0).")
-@calibration_options("the arrow file of the timed task, e.g. DATA/vqav2_train.arrow for VQA; BEiT-3: with "
-                     "--tokenizer")
-@tokenizer_option
+@calibration_with_tokenizer("the arrow file of the timed task, e.g. DATA/vqav2_train.arrow for VQA; BEiT-3: with "
+                            "--tokenizer")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
          batch_size: int, warmup: int, iters: int, task: Optional[str], check_fp32: bool, cuda_graphs: bool,
@@ -101,11 +99,9 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
 
 def _calibration(shard_dir: Path, task: Optional[str], dtype: Optional[str], path: Optional[Path],
                  samples: Optional[int], tokenizer_path: Optional[Path]) -> Optional[Calibration]:
-    """--calibration's samples for the timed task, read before the shard loads (the tokenizer only for them: the
-    timed inputs are synthetic)."""
+    """--calibration's samples for the timed task, read before the shard loads (the timed inputs are synthetic)."""
     cfg = read_manifest(shard_dir).config
-    tokenizer = make_tokenizer(cfg, tokenizer_path, None) if path is not None else None
-    return read_calibration(path, samples, dtype, pick_task(cfg, task), cfg, tokenizer)
+    return read_run_calibration(cfg, pick_task(cfg, task), dtype, path, samples, tokenizer_path)
 
 
 if __name__ == "__main__":

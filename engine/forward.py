@@ -20,6 +20,7 @@ from .atomic import write_safetensors
 from .models import ModelConfig, MultiwayModel, family_of
 from .models.tasks import HEAD_TASKS, TASKS
 from .runtime.shards import read_manifest
+from .tasks.calibration import calibration_with_tokenizer, read_run_calibration
 from .tasks.cli import (ModelOutputError, UsageError, engine_options, one_line_errors, pick_task, require_samples,
                         start_engine, writable)
 from .tasks.frontend import non_finite_rows
@@ -95,16 +96,20 @@ def check_finite_outputs(outputs: Dict[str, torch.Tensor]) -> None:
                    "or text_feats + image_feats.")
 @click.option("--task", type=click.Choice(HEAD_TASKS), default=None,
               help="Task head to run [default: the checkpoint's only head].")
+@calibration_with_tokenizer("an arrow file of the task run, e.g. DATA/vqav2_train.arrow for VQA; BEiT-3: with "
+                            "--tokenizer")
 @one_line_errors
 def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
-         inputs_path: Path, out_path: Path, task: Optional[str]) -> None:
+         inputs_path: Path, out_path: Path, task: Optional[str], calibration_path: Optional[Path],
+         calibration_samples: Optional[int], tokenizer_path: Optional[Path]) -> None:
     """Run the tensor-parallel model on INPUTS and write its outputs to OUT (fp32)."""
     # Everything a user can get wrong is checked before the model loads or a file is written.
     writable("--out", out_path)
     cfg = read_manifest(shard_dir).config
     task = pick_task(cfg, task)
     inputs = read_inputs(inputs_path, task, cfg)
-    engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
+    calibration = read_run_calibration(cfg, task, dtype, calibration_path, calibration_samples, tokenizer_path)
+    engine = start_engine(shard_dir, device, dtype, threads, timeout_s, calibration)
     outputs = run_task(engine.model, task, {k: v.to(engine.ctx.device) for k, v in inputs.items()})
     check_finite_outputs(outputs)
     if engine.ctx.is_main:

@@ -3,10 +3,12 @@ group per replica (engine.serving.ray_app), on one machine or a Ray cluster.
 
 Without --address the command starts a local Ray of its own (stopped when the command stops); with --address it
 joins a running cluster (`ray start --head` ...). Everything a user can get wrong is refused in one line before
-Ray starts (the shards, --answers, --tokenizer, the port) or before anything deploys (no GPU/NPU in the cluster,
-no node large enough for one group). SIGTERM or Ctrl-C drains: the requests in flight are answered
-(--drain-timeout), then the application (and a Ray the command started) stops, and the command exits 0.
-`build` is the same application for `serve run` / `serve deploy` configs and KubeRay's RayService.
+Ray starts (the shards, --answers, --tokenizer, --calibration, int8's settings from the environment, the port) or
+before anything deploys (no GPU/NPU in the cluster, no node large enough for one group). The engine's settings from
+this process's environment (VLMO_INT8_SMOOTHING, VLMO_INT8_FLOAT_LAYERS, VLMO_TP_SHM) go to every rank of every
+replica in the group spec. SIGTERM or Ctrl-C drains: the requests in flight are answered (--drain-timeout), then the
+application (and a Ray the command started) stops, and the command exits 0. `build` is the same application for
+`serve run` / `serve deploy` configs and KubeRay's RayService.
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 import click
 
 from .options import option_group
+from .runtime.loading import INT8
 from .runtime.shards import read_manifest
 from .serving.setup import ServerOptions, listen, read_served, served_calibration, server_options
 from .tasks.calibration import SERVED_FILE, Calibration, calibration_options
-from .tasks.cli import UsageError, engine_options, one_line_errors
+from .tasks.cli import UsageError, check_int8_settings, engine_options, one_line_errors
 
 if TYPE_CHECKING:
     from .serving.ray_app import GroupSpec
@@ -105,9 +108,9 @@ def check_fits(bundle: Dict[str, float], tp: int) -> None:
 
 def group_spec(shard_dir: Path, options: ServerOptions, device: str, dtype: Optional[str], threads: Optional[int],
                timeout_s: float, cpus_per_rank: float, calibration: Optional[Calibration] = None) -> "GroupSpec":
-    """The replicas' plan, once Ray is up: the device the cluster has, a rank's resources, the threads, and where
-    every rank reads int8's calibration samples again."""
-    from .serving.ray_app import GroupSpec, rank_resources
+    """The replicas' plan, once Ray is up: the device the cluster has, a rank's resources, the threads, where
+    every rank reads int8's calibration samples again, and this process's settings from the environment."""
+    from .serving.ray_app import GroupSpec, launch_settings, rank_resources
 
     device = cluster_device(device)
     if device == "cpu" and threads is None:
@@ -115,9 +118,19 @@ def group_spec(shard_dir: Path, options: ServerOptions, device: str, dtype: Opti
     spec = GroupSpec(shard_dir=shard_dir.resolve(), options=options, tp=read_manifest(shard_dir).tp, device=device,
                      dtype=dtype, threads=threads, timeout_s=timeout_s,
                      rank_resources=rank_resources(device, cpus_per_rank),
-                     calibration=calibration.source if calibration else None)
+                     calibration=calibration.source if calibration else None, settings=launch_settings())
     check_fits(spec.bundle(), spec.tp)
     return spec
+
+
+def checked_before_ray(shard_dir: Path, options: ServerOptions, dtype: Optional[str], calibration_path: Optional[Path],
+                       calibration_samples: Optional[int]) -> Optional[Calibration]:
+    """The served checkpoint and --calibration's samples, read, and int8's settings from the environment checked
+    (the ranks would refuse them only once the deploy began); the calibration, if any."""
+    calibration = served_calibration(read_served(shard_dir, options), calibration_path, calibration_samples, dtype)
+    if dtype == INT8:
+        check_int8_settings()
+    return calibration
 
 
 def _import_ray() -> None:
@@ -142,7 +155,7 @@ def main(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[i
     """Serve the shards in SHARDS on Ray Serve: REPLICAS tensor-parallel groups behind engine.serve's HTTP API."""
     options = ServerOptions(**serving)
     scale = parse_autoscale(autoscale)
-    calibration = served_calibration(read_served(shard_dir, options), calibration_path, calibration_samples, dtype)
+    calibration = checked_before_ray(shard_dir, options, dtype, calibration_path, calibration_samples)
     _import_ray()
     if address is None:
         listen(options.host, options.port).close()  # a taken port: one line now, not a proxy that never starts
@@ -205,8 +218,8 @@ def build(args: Dict[str, Any]) -> Any:
 
     params = build_params(args)
     options = ServerOptions(**{k: params[k] for k in ServerOptions.__dataclass_fields__})
-    calibration = served_calibration(read_served(params["shard_dir"], options), params["calibration_path"],
-                                     params["calibration_samples"], params["dtype"])
+    calibration = checked_before_ray(params["shard_dir"], options, params["dtype"], params["calibration_path"],
+                                     params["calibration_samples"])
     spec = group_spec(params["shard_dir"], options, params["device"], params["dtype"], params["threads"],
                       params["timeout_s"], params["cpus_per_rank"], calibration)
     return application(spec, params["replicas"], parse_autoscale(params["autoscale"]), params["health_check_s"])

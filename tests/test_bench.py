@@ -158,7 +158,8 @@ def _run_report(dtype: str, tp: int, batch: int, p50: float) -> dict:
     return {"dtype": dtype, "tp": tp, "batch_size": batch, "threads_per_rank": 1, "device": "cpu: test (1 thread)",
             "latency_ms": {"mean": p50, "p50": p50, "min": p50}, "samples_per_s": batch / (p50 / 1e3),
             "achieved_gflop_per_s": 100.0, "fraction_of_peak": 0.5, "allreduce_ms_per_forward": 0.0,
-            "weights_bytes_per_rank": [100 // tp] * tp, "peak_rss_bytes_per_rank": [1000] * tp}
+            "weights_bytes_per_rank": [100 // tp] * tp, "peak_rss_bytes_per_rank": [1000] * tp,
+            "allreduce_wait_ms_per_forward_per_rank": [0.0] if tp == 1 else [0.25, 12.75]}
 
 
 def test_study_speedups_table_and_figure(tmp_path: Path) -> None:
@@ -172,5 +173,6 @@ def test_study_speedups_table_and_figure(tmp_path: Path) -> None:
     assert len(scaling) == 4 and all(s["speedup_p50"] == pytest.approx(2000 / 1100) for s in scaling)
     assert all(s["weights_ratio"] == 0.5 for s in scaling)
     assert table(runs, scaling).count("1.82x") == 4
+    assert table(runs, scaling).count(" 12.8 ") == 4  # the tp 2 rows' longest wait at an all-reduce
     with Image.open(figure(runs, scaling, tmp_path / "scaling.png")) as png:
         assert png.size[0] > 1000 and png.size[1] > 300

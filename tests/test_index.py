@@ -288,6 +288,16 @@ def test_a_beit3_index_holds_the_golden_embeddings_and_ranks_by_the_golden_score
         found = json.loads(line)["results"]
         assert [r["path"] for r in found] == [str(paths[i]) for i in row.argsort(descending=True)]
         assert [r["score"] for r in found] == pytest.approx(row.sort(descending=True).values.tolist(), abs=1e-4)
+    # an image query reads no text: no --tokenizer needed; a text query without one is refused in one line
+    out = invoke("search", "--shards", tmp_path / "shards", "--index", tmp_path / "index", "--image", paths[2],
+                 "--json", "--device", "cpu")
+    row = expected["image_feats"] @ expected["image_feats"][2]
+    found = json.loads(out)["results"]
+    assert [r["path"] for r in found] == [str(paths[i]) for i in row.argsort(descending=True)]
+    assert found[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    refused = CliRunner().invoke(index_main, ["search", "--shards", str(tmp_path / "shards"), "--index",
+                                              str(tmp_path / "index"), "--text", texts[0], "--device", "cpu"])
+    assert refused.exit_code != 0 and "pass --tokenizer beit3.spm" in refused.output
 
 
 # ---------------------------------------------------------------- refusals

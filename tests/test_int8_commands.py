@@ -1,6 +1,7 @@
 """--dtype int8 through the commands on the tiny golden VQA checkpoint: --calibration (engine.vqa at tp 1 and 2, the
 factors it sets, the results identity, refusals, VLMO_INT8_SMOOTHING=0; NLVR2, retrieval and BEiT-3 files;
-engine.bench's report), engine.serve --dtype int8 over HTTP against engine.vqa --dtype int8."""
+engine.bench's report; engine.forward's outputs and its --tokenizer), engine.serve --dtype int8 over HTTP against
+engine.vqa --dtype int8."""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from _beit3 import BEIT3, cut
 from _int8_replies import compare_replies, val_logits
@@ -21,6 +23,7 @@ from _run import invoke_refused, run_here, run_torchrun, shard_here
 from _serve import Server
 from _vqa_requests import ANSWERS, RAW
 from engine.bench import main as bench_main
+from engine.forward import read_inputs, run_task
 from engine.layers.linear import parallel_linears
 from engine.layers.quantize import FLOAT_LAYERS, unpack_linears
 from engine.layers.smoothing import smoothing_factors, weight_ranges
@@ -38,7 +41,8 @@ from engine.vqa import main as vqa_main
 ARROW = GOLDEN / "vqav2_arrow_published"
 TRAIN = ARROW / "vqav2_train.arrow"
 COCO = GOLDEN / "coco_arrow_published" / "coco_caption_karpathy_test.arrow"
-CHECKPOINT = GOLDEN / "tiny_relpos_vqa9" / "checkpoint.pt"
+FORWARD = GOLDEN / "tiny_relpos_vqa9"
+CHECKPOINT = FORWARD / "checkpoint.pt"
 pytestmark = [needs(CHECKPOINT), needs(ARROW), needs(RAW)]
 # The fp32 answer margin (top-1 minus top-2 logit) beyond which int8 must not change an answer: int8 moves this
 # checkpoint's logits by a few hundredths (measured at tp 1: up to 0.022), so a margin of 0.09 is decided whatever
@@ -205,6 +209,7 @@ def test_nlvr2_retrieval_and_beit3_files_calibrate_their_heads(case: str, tmp_pa
 
 
 def test_bad_calibration_input_is_refused_in_one_line_naming_it(shards, tmp_path: Path) -> None:
+    from engine.forward import main as forward_main
     from engine.ray_serve import main as ray_serve_main
     from engine.retrieval import main as retrieval_main
     from engine.serve import main as serve_main
@@ -219,12 +224,15 @@ def test_bad_calibration_input_is_refused_in_one_line_naming_it(shards, tmp_path
     invoke_refused(vqa_main, [*base, "--dtype", "fp32", "--calibration", TRAIN], "--calibration", str(TRAIN),
                    "only with --dtype int8")
     invoke_refused(vqa_main, [*base, "--calibration-samples", 8], "--calibration-samples", "only with --calibration")
-    for command in (bench_main, ray_serve_main):  # the same options and checks, before any shard loads or Ray starts
-        served = ["--answers", ANSWERS] if command is ray_serve_main else []
-        invoke_refused(command, ["--shards", shards[1], *served, "--device", "cpu", "--calibration", TRAIN],
+    forward = ["--inputs", FORWARD / "inputs.safetensors", "--out", tmp_path / "out.safetensors"]
+    # the same options and checks, before any shard loads or Ray starts
+    for command, own in ((bench_main, []), (forward_main, forward), (ray_serve_main, ["--answers", ANSWERS])):
+        invoke_refused(command, ["--shards", shards[1], *own, "--device", "cpu", "--calibration", TRAIN],
                        "--calibration", str(TRAIN), "only with --dtype int8", "not --dtype default")
-        invoke_refused(command, ["--shards", shards[1], *served, "--dtype", "int8", "--calibration", COCO],
+        invoke_refused(command, ["--shards", shards[1], *own, "--dtype", "int8", "--calibration", COCO],
                        "--calibration", str(COCO), "not a vqav2 arrow file")
+        invoke_refused(command, ["--shards", shards[1], *own, "--dtype", "int8", "--calibration-samples", 8],
+                       "--calibration-samples", "only with --calibration")
     table = pa.ipc.open_file(pa.memory_map(str(ARROW / "vqav2_val.arrow"))).read_all()
     garbled = table.set_column(table.schema.get_field_index("image"), "image",
                                pa.array([b"garbled"] * table.num_rows, pa.binary()))
@@ -238,12 +246,13 @@ def test_bad_calibration_input_is_refused_in_one_line_naming_it(shards, tmp_path
     invoke_refused(retrieval_main, ["--shards", tmp_path / "irtr", "--data", COCO.parent, "--device", "cpu",
                                     "--dtype", "int8", "--calibration", TRAIN, "--summary", tmp_path / "s.json"],
                    "--calibration", str(TRAIN), "not a coco arrow file")
-    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "s.json").exists()
+    assert not any((tmp_path / name).exists() for name in ("out.jsonl", "s.json", "out.safetensors"))
 
 
 def test_calibration_with_smoothing_off_is_refused_in_one_line(shards, monkeypatch, tmp_path: Path) -> None:
     """VLMO_INT8_SMOOTHING=0: a calibration would set factors nothing uses, and a results file would name it."""
     from engine.bench import main as bench_main
+    from engine.forward import main as forward_main
     from engine.vqa import main as vqa_main
 
     monkeypatch.setenv("VLMO_INT8_SMOOTHING", "0")
@@ -252,7 +261,9 @@ def test_calibration_with_smoothing_off_is_refused_in_one_line(shards, monkeypat
                    "VLMO_INT8_SMOOTHING=0 turns int8's smoothing off", "drop --calibration")
     invoke_refused(bench_main, ["--shards", shards[1], "--dtype", "int8", "--calibration", TRAIN],
                    "VLMO_INT8_SMOOTHING=0")
-    assert not out.exists()
+    invoke_refused(forward_main, _forward_args(shards[1], tmp_path / "out.safetensors", "--dtype", "int8",
+                                               "--calibration", TRAIN), "VLMO_INT8_SMOOTHING=0", "drop --calibration")
+    assert not out.exists() and not (tmp_path / "out.safetensors").exists()
     monkeypatch.setenv("VLMO_INT8_SMOOTHING", "1")
     cfg = read_manifest(shards[1]).config
     batches = read_calibration(TRAIN, 8, "int8", VQA, cfg, make_tokenizer(cfg, None, None)).batches()
@@ -309,6 +320,84 @@ def test_bench_reports_its_calibration_and_checks_the_calibrated_model_against_f
     assert calibrated["vs_fp32"]["max_abs_diff"] != plain["vs_fp32"]["max_abs_diff"]
 
 
+def _forward_args(shard_dir: Path, out: Path, *extra: object, case: Path = FORWARD) -> list:
+    return ["--shards", shard_dir, "--inputs", case / "inputs.safetensors", "--out", out, "--device", "cpu",
+            "--threads", 1, *extra]
+
+
+@pytest.fixture
+def first_kernels(monkeypatch) -> None:
+    """Every kernel choice at load takes the first candidate: loads in one process then compute alike, where the
+    timed choices can differ between them (measured: two int8 loads' outputs 0.005 apart)."""
+    from engine.layers import attention_choice, int8, kernels
+
+    for module in (kernels, int8, attention_choice):
+        monkeypatch.setattr(module, "fastest_seconds", lambda runs, repeats=0: {
+            name: float(i) for i, name in enumerate(runs)})
+
+
+def test_forward_calibrated_int8_is_the_library_s_calibrated_model_and_stays_close_to_fp32(shards, first_kernels,
+                                                                                           tmp_path) -> None:
+    """engine.forward --dtype int8 --calibration: the outputs of the model calibrated on the file's first samples
+    (loaded here through the library), not the uncalibrated int8 ones, and within int8's cosine of the published
+    fp32 outputs."""
+    from engine.forward import main as forward_main
+
+    outs = {name: tmp_path / f"{name}.safetensors" for name in ("int8", "int8-cal")}
+    for name, extra in (("int8", []), ("int8-cal", ["--calibration", TRAIN, "--calibration-samples", 16])):
+        ran = run_here(forward_main, _forward_args(shards[1], outs[name], "--dtype", "int8", *extra))
+        assert ran.returncode == 0, ran.stderr
+    plain, calibrated = (load_file(str(outs[name])) for name in ("int8", "int8-cal"))
+    ctx = init_parallel("cpu", 1, threads=1)
+    cfg = read_manifest(shards[1]).config
+    batches = read_calibration(TRAIN, 16, "int8", VQA, cfg, make_tokenizer(cfg, None, None)).batches()
+    with torch.inference_mode():
+        library = run_task(load_model(shards[1], ctx, "int8", calibration=batches), VQA,
+                           read_inputs(FORWARD / "inputs.safetensors", VQA, cfg))
+    published = load_file(str(FORWARD / "expected.safetensors"))
+    assert set(plain) == set(calibrated) == set(library) == set(published) == {"vqa_logits", "cls_feats"}
+    for name, fp32 in published.items():
+        # measured: the calibration moves them by 0.019 (logits) and 0.027 (features), 16 samples instead of 32 by
+        # 0.016 and 0.025; the same model loaded twice, by 0
+        assert float((calibrated[name] - plain[name]).abs().max()) > 0.01, name
+        torch.testing.assert_close(calibrated[name], library[name].float(), rtol=0, atol=1e-6)
+        for got in (plain, calibrated):  # measured: 0.99970 and more
+            assert float(torch.nn.functional.cosine_similarity(got[name], fp32, dim=-1).min()) > 0.999, name
+
+
+@needs(BEIT3)
+def test_forward_takes_a_beit3_tokenizer_only_for_a_calibration(tmp_path: Path) -> None:
+    from engine.forward import main as forward_main
+
+    case = BEIT3 / "tiny_beit3_vqa9"
+    cut(case.name, 1, tmp_path / "shards")
+    out = tmp_path / "out.safetensors"
+    invoke_refused(forward_main, _forward_args(tmp_path / "shards", out, "--dtype", "int8", "--calibration", TRAIN,
+                                               case=case), "BEiT-3 checkpoints read text", "pass --tokenizer beit3.spm")
+    invoke_refused(forward_main, _forward_args(tmp_path / "shards", out, "--dtype", "fp32", "--calibration", TRAIN,
+                                               case=case), "--calibration", "only with --dtype int8")
+    assert not out.exists()
+    ran = run_here(forward_main, _forward_args(tmp_path / "shards", out, "--dtype", "int8", case=case))
+    assert ran.returncode == 0 and out.exists(), ran.stderr
+
+
+def test_tokenizer_help_says_when_a_beit3_checkpoint_needs_one() -> None:
+    """Commands that read text need --tokenizer for BEiT-3; those whose inputs hold none, only with --calibration."""
+    from click.testing import CliRunner
+
+    from engine.ask import main as ask_main
+    from engine.bench import main as bench_main
+    from engine.forward import main as forward_main
+    from engine.serve import main as serve_main
+    from engine.vqa import main as vqa_main
+
+    for command, needed in ((bench_main, "needed only with --calibration, whose texts it tokenises"),
+                            (forward_main, "needed only with --calibration, whose texts it tokenises"),
+                            (vqa_main, "required"), (serve_main, "required"), (ask_main, "required")):
+        text = " ".join(CliRunner().invoke(command, ["--help"]).output.split())
+        assert f"--tokenizer PATH BEiT-3: its SentencePiece model (beit3.spm; {needed})." in text, command.name
+
+
 def test_serve_int8_answers_over_http_as_engine_vqa_int8_at_tp_1(shards, runs, logits) -> None:
     server = Server(1, ["--shards", shards[1], "--answers", ANSWERS, "--dtype", "int8", "--max-wait-ms", 1,
                         "--threads", 1])
@@ -327,6 +416,7 @@ def test_serve_int8_calibrated_answers_over_http_as_engine_vqa_at_tp_2(shards, r
         (card,) = server.get("/v1/models")[2]["data"]
         assert card["calibration"] == {"file": "vqav2_train.arrow", "samples": 32,
                                        "keys_sha256": first_train_keys_sha256(32)}
+        assert card["int8_variant"] is None  # the default int8
         # against tp 1's logits: int8 at tp 2 rounds each rank's share apart (logits move by a few hundredths)
         compare_replies(server, _answers(runs["tp2-cal"]), logits["int8-cal"], 0.02, DECIDED)
     finally:

@@ -142,7 +142,8 @@ def test_two_replicas_at_tp_1_answer_every_golden_question_each_with_its_own_met
 def test_a_rank_that_dies_or_hangs_fails_its_replica_with_503_the_other_answers_and_ray_replaces_it(
         shards, cluster) -> None:
     timeout_s = 6  # a hung rank is noticed by the --timeout watchdog
-    # Serve stops a failed replica after three failed health checks in a row: 1.5 s after the fault here, about 6 s by default
+    # Serve stops a failed replica after three failed health checks in a row: 1.5 s after its fault here (6 s by
+    # default)
     server = RayServer(["--shards", shards[2], *COMMON, "--replicas", 2, "--cpus-per-rank", 0.5, "--max-wait-ms", 5,
                         "--timeout", timeout_s, "--health-check-period", 0.5], cluster)
     want = predictions()
@@ -213,11 +214,55 @@ def test_int8_calibrated_replica_at_tp_2_answers_as_int8_calibrated_here(shards,
         server.kill()
 
 
-def test_refusals_come_in_one_line(shards, cluster) -> None:
+def test_the_group_spec_carries_the_commands_engine_settings_which_each_rank_applies(monkeypatch) -> None:
+    """Set or unset where the command runs, so on every rank, whatever the rank's node had."""
+    from engine.serving.ray_app import GroupSpec, launch_settings
+
+    monkeypatch.setenv("VLMO_INT8_SMOOTHING", "0")
+    monkeypatch.setenv("VLMO_TP_SHM", "0")
+    monkeypatch.delenv("VLMO_INT8_FLOAT_LAYERS", raising=False)
+    settings = launch_settings()
+    assert settings == {"VLMO_INT8_SMOOTHING": "0", "VLMO_INT8_FLOAT_LAYERS": None, "VLMO_TP_SHM": "0"}
+    monkeypatch.setenv("VLMO_INT8_SMOOTHING", "1")  # as a node's raylet might have them
+    monkeypatch.setenv("VLMO_INT8_FLOAT_LAYERS", "3")
+    monkeypatch.delenv("VLMO_TP_SHM")
+    GroupSpec(Path("s"), None, 2, "cpu", "int8", 1, 20.0, settings=settings).apply_settings()
+    assert launch_settings() == settings
+
+
+def test_every_rank_of_a_replica_takes_the_commands_int8_settings_not_its_raylets(shards, cluster,
+                                                                                  monkeypatch) -> None:
+    """VLMO_INT8_FLOAT_LAYERS=4 where only the command runs (the cluster's raylet, whose environment Ray's workers
+    get, lacks it): int8 keeps all 4 layers of the checkpoint in fp32, on both ranks of a tp-2 replica, so the
+    replies are fp32's; a rank that quantised its half would move the probabilities by about 1e-3."""
+    from engine.data.vqav2 import answer_table
+    from engine.runtime.shards import read_manifest
+
+    raylet = Path(f"/proc/{cluster.proc.pid}/environ").read_bytes().split(b"\0")
+    assert not any(v.startswith(b"VLMO_INT8_FLOAT_LAYERS=") for v in raylet)
+    cfg = read_manifest(shards[1]).config
+    assert cfg.depth == 4
+    logits = val_logits(shards[1], GOLDEN / "vqav2_arrow_published", "fp32")
+    table = answer_table(ANSWERS, cfg.vqa_labels)
+    monkeypatch.setenv("VLMO_INT8_FLOAT_LAYERS", "4")
+    server = RayServer(["--shards", shards[2], *COMMON, "--dtype", "int8", "--max-wait-ms", 1], cluster)
+    try:
+        (card,) = server.get("/v1/models")[2]["data"]
+        assert card["dtype"] == "int8" and card["int8_variant"] == {"smoothing": None, "float_layers": 4}, card
+        # tp 2 against tp 1 in fp32: the probabilities agree within 1e-6 (measured)
+        compare_replies(server, {q: table[int(row.argmax())] for q, row in logits.items()}, logits, 1e-4, 1e-4)
+    finally:
+        server.kill()
+
+
+def test_refusals_come_in_one_line(shards, cluster, monkeypatch) -> None:
     from engine.ray_serve import main
 
     base = ["--shards", shards[2], "--answers", ANSWERS, "--device", "cpu"]
     invoke_refused(main, ["--shards", shards[2]], "--answers: required for a VQA checkpoint")
+    with monkeypatch.context() as env:  # before Ray starts, not from the ranks once the deploy began
+        env.setenv("VLMO_INT8_FLOAT_LAYERS", "one")
+        invoke_refused(main, [*base, "--dtype", "int8"], "VLMO_INT8_FLOAT_LAYERS='one'", "a number of layers")
     invoke_refused(main, [*base, "--autoscale", "3:1"], "--autoscale 3:1", "MIN <= MAX")
     invoke_refused(main, [*base, "--autoscale", "two"], "expected MIN:MAX")
     with socket.socket() as taken:

@@ -162,7 +162,7 @@ def add(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[in
               help="Queries per forward pass.")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine].")
-@tokenizer_option
+@tokenizer_option(only_with="--text or --queries")
 @one_line_errors
 def search(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional[int], timeout_s: float,
            index_dir: Path, texts: Tuple[str, ...], images: Tuple[Path, ...], queries_file: Optional[Path],
@@ -179,7 +179,7 @@ def search(shard_dir: Path, device: str, dtype: Optional[str], threads: Optional
     query_images = read_query_images(images, cfg.image_size)
     if not query_texts and not query_images:
         raise UsageError("no query: pass --text, --image or --queries")
-    tokenizer = make_tokenizer(cfg, tokenizer_path, vocab)
+    tokenizer = make_tokenizer(cfg, tokenizer_path, vocab) if query_texts else None  # image queries read no text
     engine = start_engine(shard_dir, device, dtype, threads, timeout_s)
     vectors = embed_queries(engine, query_texts, query_images, tokenizer, batch_size)
     if store is None:

@@ -78,9 +78,10 @@ def read_query_texts(texts: Sequence[str], queries_file: Optional[Path]) -> List
     return texts
 
 
-def embed_queries(engine: Engine, texts: Sequence[str], images: Sequence[bytes], tokenizer: Tokenizer,
+def embed_queries(engine: Engine, texts: Sequence[str], images: Sequence[bytes], tokenizer: Optional[Tokenizer],
                   batch_size: int) -> Optional[np.ndarray]:
-    """Rank 0: the L2-normalised embeddings [Q, D] of the texts, then the images; None on the other ranks."""
+    """Rank 0: the L2-normalised embeddings [Q, D] of the texts, then the images; None on the other ranks. The
+    tokenizer may be None where there are no texts."""
     ctx, size = engine.ctx, engine.manifest.config.image_size
     passes = ((Queries(texts, _text(tokenizer)), TASKS[TEXT_EMBEDDING]),
               (Queries(images, lambda data: {"image": query_image(data, size)}), TASKS[IMAGE_EMBEDDING]))

@@ -29,6 +29,8 @@ import torch.distributed as dist
 
 from .health import Health, PeerFailure, failed_line, silent_line
 
+SHM_ENV = "VLMO_TP_SHM"  # 0: keep gloo (to measure what the shared memory saves)
+
 SHM_DIR = "/dev/shm"
 FLAG_STRIDE = 8  # int64s: one 64-byte cache line per rank's flag
 SPIN_S, NAP_S = 1e-3, 1e-4  # wait for peers spinning for 1 ms, then in 0.1 ms naps
@@ -111,7 +113,7 @@ def shared_memory_all_reduce(group: Optional[dist.ProcessGroup], rank: int, size
     hosts: List[Optional[str]] = [None] * size
     with health.guard("setting up the shared-memory all-reduce"):
         dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        usable = (os.environ.get("VLMO_TP_SHM", "1") != "0"
+        usable = (os.environ.get(SHM_ENV, "1") != "0"
                   and platform.machine().lower() in ("x86_64", "amd64")
                   and os.path.isdir(SHM_DIR) and len(set(hosts)) == 1)
         # every rank sees the same hosts; the other conditions are per machine and the hosts are one machine

@@ -59,6 +59,7 @@ class ServerState:
     created: int
     search: Optional[SearchIndex] = None  # engine.serve --index
     calibration: Optional[Dict[str, Any]] = None  # int8's calibration (Calibration.identity), once loaded
+    int8_variant: Optional[Dict[str, Any]] = None  # int8's settings that are not the defaults, once loaded
     # More of /health's body, asked in the thread pool (engine.ray_serve: this replica and the running ones).
     fleet: Optional[Callable[[], Dict[str, Any]]] = None
 
@@ -141,7 +142,8 @@ def build_app(state: ServerState) -> FastAPI:
             "id": state.model_id, "object": "model", "created": state.created, "owned_by": "vlmo-tp",
             "family": state.cfg.family, "tasks": list(state.kinds), "tp": state.tp, "dtype": state.dtype,
             "image_size": state.cfg.image_size, "max_text_len": state.cfg.max_text_len,
-            "answers": len(state.answers) if state.answers else None, "calibration": state.calibration}]}
+            "answers": len(state.answers) if state.answers else None, "calibration": state.calibration,
+            "int8_variant": state.int8_variant}]}
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

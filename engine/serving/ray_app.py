@@ -10,7 +10,9 @@ engine.serve do. Ray gives each rank only its own chip (CUDA_VISIBLE_DEVICES / A
 LOCAL_RANK is 0 everywhere. With --calibration every rank, rank 0 included, reads the samples again from the file
 at the same path on the replica's node (as it reads its shard there; the command checked them first) and checks that
 they are the ones the command read: each rank then runs the same batches. Sending the decoded samples instead would
-put 32 × 2.8 MB of fp32 images (VLMo 480) through the object store for every rank of every replica.
+put 32 × 2.8 MB of fp32 images (VLMo 480) through the object store for every rank of every replica. Every rank
+first takes the command's engine settings from the environment (int8's variant, VLMO_TP_SHM) from the spec: its
+own process starts with its node's raylet's environment.
 
 Faults: a rank that dies fails its replica's collective (or its Ray task ends), a rank that hangs trips the
 --timeout watchdog; either way the replica answers 503 from then on and fails Serve's health check, Serve
@@ -35,6 +37,8 @@ from ray import serve
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ..runtime.loading import FLOAT_LAYERS_ENV, SMOOTHING_ENV
+from ..runtime.shm_allreduce import SHM_ENV
 from ..tasks.calibration import Calibration, CalibrationSource, head_to_calibrate
 from .app import ServerState, build_app
 from .metrics import ServerMetrics
@@ -44,6 +48,9 @@ HEALTH_CHECK_TIMEOUT_S = 20.0
 FLEET_CACHE_S = 1.0  # /health asks the controller at most this often
 CONSTRUCTOR_RETRIES = 3  # a replica whose group cannot form is retried this often, then the deploy fails
 RANK_START_S = 300.0  # a rank actor's process start (a fresh Python importing torch) and its scheduling
+# What the engine reads from the environment that changes how a rank computes (int8's variant) or talks (the
+# shared-memory all-reduce, which every rank of a group must agree on).
+SETTINGS_ENV = (SMOOTHING_ENV, FLOAT_LAYERS_ENV, SHM_ENV)
 
 
 @dataclass
@@ -58,6 +65,18 @@ class GroupSpec:
     timeout_s: float
     rank_resources: Dict[str, Any] = field(default_factory=dict)  # num_cpus / num_gpus / resources of a rank
     calibration: Optional[CalibrationSource] = None  # int8's --calibration, which every rank reads again
+    # SETTINGS_ENV as the command has them (None: unset), which every rank applies first: Ray starts a rank's
+    # process with the environment of its node's raylet, not the command's. A field here rather than runtime_env
+    # env_vars on the actors, which can only add variables: a rank must also lose a setting the command runs without.
+    settings: Dict[str, Optional[str]] = field(default_factory=dict)
+
+    def apply_settings(self) -> None:
+        """This rank's environment gets the command's settings, before anything reads them."""
+        for name, value in self.settings.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     def calibration_for(self, served: Served) -> Optional[Calibration]:
         """This rank's read of the calibration samples (the same ones on every rank), or None without one."""
@@ -84,6 +103,11 @@ def rank_resources(device: str, cpus_per_rank: float) -> Dict[str, Any]:
     return resources
 
 
+def launch_settings() -> Dict[str, Optional[str]]:
+    """This process's SETTINGS_ENV, for GroupSpec.settings."""
+    return {name: os.environ.get(name) for name in SETTINGS_ENV}
+
+
 def rank_env(rank: int, tp: int, master_addr: str, master_port: int) -> Dict[str, str]:
     """The launcher variables a rank reads in `init_parallel`, as torchrun would set them for one group."""
     return {"RANK": str(rank), "WORLD_SIZE": str(tp), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(tp),
@@ -106,6 +130,7 @@ class RankActor:
     """Ranks 1..tp-1 of one replica's group."""
 
     def follow(self, env: Dict[str, str], spec: GroupSpec) -> int:
+        spec.apply_settings()
         os.environ.update(env)
         calibration = spec.calibration_for(read_served(spec.shard_dir, spec.options))
         follow_rank_zero(spec.shard_dir, spec.device, spec.dtype, spec.threads, spec.timeout_s, spec.options,
@@ -140,6 +165,7 @@ class GroupReplica:
     """One Serve replica: rank 0 of a tensor-parallel group, behind engine.serve's app."""
 
     async def __init__(self, spec: GroupSpec) -> None:
+        spec.apply_settings()  # before the calibration is read (VLMO_INT8_SMOOTHING=0 refuses one)
         context = serve.get_replica_context()
         self.app_name, self.deployment = context.app_name, context.deployment
         self.replica = context.replica_id.unique_id

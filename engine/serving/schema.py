@@ -41,6 +41,12 @@ class CalibrationCard(BaseModel):
     keys_sha256: str = Field(description="A hash of their keys (question ids, ...) in order.")
 
 
+class Int8VariantCard(BaseModel):
+    smoothing: Optional[bool] = Field(None, description="false with VLMO_INT8_SMOOTHING=0; null: the default (on).")
+    float_layers: Optional[int] = Field(None, description="The first N encoder layers int8 keeps in fp32 "
+                                                          "(VLMO_INT8_FLOAT_LAYERS); null: the default.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -55,6 +61,9 @@ class ModelCard(BaseModel):
     answers: Optional[int] = Field(description="Entries of the answer table (VQA checkpoints).")
     calibration: Optional[CalibrationCard] = Field(
         None, description="int8's --calibration samples, once the model is loaded; null without one.")
+    int8_variant: Optional[Int8VariantCard] = Field(
+        None, description="int8's settings from the server's environment that are not the defaults, once the model "
+                          "is loaded; null for the default int8 and for other dtypes.")
 
 
 class ModelList(BaseModel):

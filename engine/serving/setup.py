@@ -95,7 +95,7 @@ def server_options(command: Callable) -> Callable:
                      "[default: the checkpoint's file name]."),
         click.option("--vocab", type=click.Path(path_type=Path), default=None,
                      help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine]."),
-        tokenizer_option,
+        tokenizer_option(),
     ])(command)
 
 
@@ -197,7 +197,7 @@ def load_rank_zero(state: ServerState, shard_dir: Path, device: str, dtype: Opti
         click.echo(f"note: {note}", err=True)
     if padded:
         state.batcher.buckets = DEFAULT_BUCKETS  # batches pad to the graphs' sizes
-    state.dtype, state.calibration = engine.dtype, engine.calibration
+    state.dtype, state.calibration, state.int8_variant = engine.dtype, engine.calibration, engine.int8_variant
     state.runner.channel = channel
     return True
 

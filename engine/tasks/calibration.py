@@ -29,6 +29,7 @@ from ..options import option_group
 from ..runtime.loading import INT8, SMOOTHING_ENV, int8_smoothing
 from .cli import UsageError
 from .frontend import keys_sha256
+from .tokenizers import make_tokenizer, tokenizer_option
 
 DEFAULT_SAMPLES = 32
 # Samples per calibration forward: the ranges are maxima over samples, the batching does not change them.
@@ -105,10 +106,32 @@ def read_calibration(path: Optional[Path], samples: Optional[int], dtype: Option
                      cfg: ModelConfig, tokenizer: Any) -> Optional[Calibration]:
     """The calibration samples of `path` for a checkpoint's `head` (vqa, nlvr2 or irtr), or None without a file;
     one UsageError line for an option that does not apply or a file that is not of the head's format."""
+    if not _applies(path, samples, dtype):
+        return None
+    return _read(path, samples, head, cfg, tokenizer)
+
+
+def calibration_with_tokenizer(what: str) -> Callable[[Callable], Callable]:
+    """calibration_options and --tokenizer for a command whose own inputs hold no text (engine.bench's synthetic
+    ones, engine.forward's token ids): it tokenises only the calibration file's texts."""
+    return option_group([calibration_options(what), tokenizer_option(only_with="--calibration")])
+
+
+def read_run_calibration(cfg: ModelConfig, task: str, dtype: Optional[str], path: Optional[Path],
+                         samples: Optional[int], tokenizer_path: Optional[Path]) -> Optional[Calibration]:
+    """read_calibration for the command of calibration_with_tokenizer that runs `task`: the tokenizer is made only
+    for a calibration that applies (a BEiT-3 checkpoint needs --tokenizer for nothing else)."""
+    if not _applies(path, samples, dtype):
+        return None
+    return _read(path, samples, task, cfg, make_tokenizer(cfg, tokenizer_path, None))
+
+
+def _applies(path: Optional[Path], samples: Optional[int], dtype: Optional[str]) -> bool:
+    """Whether there is a calibration file to read; a UsageError line for options that do not go together."""
     if path is None:
         if samples is not None:
             raise UsageError("--calibration-samples: only with --calibration FILE")
-        return None
+        return False
     if dtype != INT8:
         raise UsageError(f"--calibration {path}: only with --dtype int8 (it sets int8's smoothing factors), "
                          f"not --dtype {dtype or 'default'}")
@@ -116,6 +139,10 @@ def read_calibration(path: Optional[Path], samples: Optional[int], dtype: Option
         raise UsageError(f"--calibration {path}: {SMOOTHING_ENV}=0 turns int8's smoothing off, and a calibration "
                          f"only sets the smoothing factors: drop --calibration (the same int8 run) or unset "
                          f"{SMOOTHING_ENV}")
+    return True
+
+
+def _read(path: Path, samples: Optional[int], head: str, cfg: ModelConfig, tokenizer: Any) -> Calibration:
     try:
         keys, passes = _READERS[head](path, samples or DEFAULT_SAMPLES, cfg, tokenizer)
     except DataError as exc:

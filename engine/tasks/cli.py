@@ -131,10 +131,18 @@ def pick_dtype(ctx: ParallelContext, cfg: ModelConfig, requested: Optional[str])
     if requested == "int8":
         try:
             kernels_for(ctx.device)
-            int8_variant()  # its settings from the environment, checked before the shard is read
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        check_int8_settings()
     return choose(ctx, requested, (cfg.ffn_dim // ctx.tp_size, cfg.embed_dim), cfg.joint_tokens)
+
+
+def check_int8_settings() -> None:
+    """int8's settings from the environment (loading.int8_variant), checked before a shard is read."""
+    try:
+        int8_variant()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:

@@ -40,7 +40,7 @@ def task_options(*, data: str, per_batch: str, limit: str) -> Callable[[Callable
         click.option("--data", "arrow_dir", required=True, type=click.Path(path_type=Path), help=data),
         click.option("--vocab", type=click.Path(path_type=Path), default=None,
                      help="WordPiece vocabulary [default: bert-base-uncased, shipped with the engine]."),
-        tokenizer_option,
+        tokenizer_option(),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                      help=f"{per_batch} per forward pass of each model copy."),
         click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,

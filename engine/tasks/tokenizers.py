@@ -11,12 +11,16 @@ from ..data.raw import DataError
 from ..models.base import Tokenizer
 
 
-def tokenizer_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--tokenizer: the checkpoint family's tokenizer file."""
+def tokenizer_option(only_with: Optional[str] = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--tokenizer: the checkpoint family's tokenizer file. A command that reads text takes it (BEiT-3: required),
+    beside --vocab; one whose own inputs hold no text (token ids, synthetic inputs) needs it only to read the text
+    of the file another option names: `only_with` is that option."""
+    needed = "required" if only_with is None else f"needed only with {only_with}, whose texts it tokenises"
+    vocab = ", like --vocab" if only_with is None else ""
     return click.option(
         "--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
-        help="BEiT-3: its SentencePiece model (beit3.spm; required). VLMo: a WordPiece vocabulary, like --vocab "
-             "[default: bert-base-uncased, shipped with the engine].")(command)
+        help=f"BEiT-3: its SentencePiece model (beit3.spm; {needed}). VLMo: a WordPiece vocabulary{vocab} "
+             f"[default: bert-base-uncased, shipped with the engine].")
 
 
 def make_tokenizer(cfg: ModelConfig, tokenizer_path: Optional[Path], vocab: Optional[Path]) -> Tokenizer:

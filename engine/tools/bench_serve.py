@@ -46,8 +46,8 @@ class ServerProcess:
     def __init__(self, shards: Path, answers: Path, dtype: str, threads: int, extra: Sequence[str],
                  device: str = "cpu", tp: int = TP, up_within_s: float = 600, log=None) -> None:
         self.port = _free_port()
-        self._start([*launcher(tp), "-m", "engine.serve", *server_args(shards, answers, dtype, threads, self.port, device),
-                     *extra], up_within_s, log)
+        args = server_args(shards, answers, dtype, threads, self.port, device)
+        self._start([*launcher(tp), "-m", "engine.serve", *args, *extra], up_within_s, log)
 
     def _start(self, cmd: List[str], up_within_s: float = 600, log=None) -> None:
         click.echo("$ " + " ".join(cmd), err=True)

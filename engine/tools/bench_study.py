@@ -136,17 +136,19 @@ def speedups(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 def table(runs: List[Dict[str, Any]], scaling: List[Dict[str, Any]]) -> str:
     speed = {(s["dtype"], s["batch_size"], s["tp"]): s["speedup_p50"] for s in scaling}
     head = (f"{'dtype':5} {'batch':>5} {'tp':>3} {'thr':>3} {'p50 ms':>9} {'min ms':>9} {'ms/sample':>9} "
-            f"{'samples/s':>9} {'GFLOP/s':>8} {'%peak':>6} {'allred ms':>9} {'MB/rank':>8} {'RSS MB':>7} "
-            f"{'vs tp1':>6}")
+            f"{'samples/s':>9} {'GFLOP/s':>8} {'%peak':>6} {'allred ms':>9} {'waited':>6} {'MB/rank':>8} "
+            f"{'RSS MB':>7} {'vs tp1':>6}")
     lines = [head, "-" * len(head)]
     for r in runs:
         lat = r["latency_ms"]
         gain = speed.get((r["dtype"], r["batch_size"], r["tp"]))
+        waits = r.get("allreduce_wait_ms_per_forward_per_rank")  # of the all-reduce time, the longest wait
+        waited = f"{max(waits):.1f}" if waits and r["tp"] > 1 else ""
         lines.append(
             f"{r['dtype']:5} {r['batch_size']:>5} {r['tp']:>3} {r['threads_per_rank']:>3} {lat['p50']:>9.1f} "
             f"{lat['min']:>9.1f} {lat['p50'] / r['batch_size']:>9.1f} {r['samples_per_s']:>9.2f} "
             f"{r['achieved_gflop_per_s']:>8.0f} {100 * r['fraction_of_peak']:>5.0f}% "
-            f"{r['allreduce_ms_per_forward']:>9.1f} {max(r['weights_bytes_per_rank']) / 2**20:>8.0f} "
+            f"{r['allreduce_ms_per_forward']:>9.1f} {waited:>6} {max(r['weights_bytes_per_rank']) / 2**20:>8.0f} "
             f"{max(r['peak_rss_bytes_per_rank']) / 2**20:>7.0f} {f'{gain:.2f}x' if gain else '':>6}".rstrip())
     return "\n".join(lines)
 
