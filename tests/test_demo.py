@@ -56,7 +56,10 @@ def test_ctrl_c_on_make_serve_stops_the_server_quietly_with_exit_0(workdir: Path
             assert reply.status == 200
         seen = len(output.text)
         os.write(master, b"\x03")
-        code = job.wait(timeout=60)
+        try:
+            code = job.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 60 s after Ctrl-C; the terminal showed:\n{output.text}")
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
