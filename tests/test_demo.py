@@ -46,7 +46,7 @@ def test_ctrl_c_on_make_serve_stops_the_server_quietly_with_exit_0(workdir: Path
     master, slave = pty.openpty()
     job = subprocess.Popen(["make", "-s", "serve", f"DEMO_ARGS=--model tiny --workdir {workdir} --port 0"],
                            cwd=REPO, env=_env(), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                           preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                           preexec_fn=_terminal_job)
     os.close(slave)
     output = Terminal(master)
     try:
@@ -68,6 +68,15 @@ def test_ctrl_c_on_make_serve_stops_the_server_quietly_with_exit_0(workdir: Path
     assert code == 0, output.text
     for noise in ("Traceback", "SignalException", "Error", "error", "Interrupt"):
         assert noise not in rest, output.text
+
+
+def _terminal_job() -> None:
+    """In the child: the pty as its controlling terminal, and Ctrl-C's SIGINT with its default action and not
+    blocked, as a job a person starts at a terminal has it. A test run in the background of a shell without job
+    control inherits SIGINT ignored (POSIX), and Python then keeps it ignored: Ctrl-C would do nothing."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class Terminal:
