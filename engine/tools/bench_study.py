@@ -61,21 +61,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(tp: int) -> List[str]:
+    """torchrun on tp ranks of this machine, on a free port; a `-m module` command follows."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "--master-port",
+            str(_free_port())]
+
+
 def launcher(tp: int) -> List[str]:
     """What starts a `-m module` command on tp ranks of this machine: torchrun, or at tp 1 the interpreter alone
     (torchrun's launcher adds seconds of start-up, and one process needs no rendezvous)."""
-    if tp == 1:
-        return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "--master-port",
-            str(_free_port())]
+    return [sys.executable] if tp == 1 else torchrun(tp)
 
 
 def run_bench(shards: Path, tp: int, dtype: str, batch: int, threads: int, warmup: int, iters: int,
               out: Path) -> Dict[str, Any]:
     """One `torchrun -m engine.bench` run; its JSON report."""
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", tp, "--master-port", _free_port(),
-          "-m", "engine.bench", "--shards", shards, "--device", "cpu", "--dtype", dtype, "--batch-size", batch,
-          "--threads", threads, "--warmup", warmup, "--iters", iters, "--json", out])
+    _run([*torchrun(tp), "-m", "engine.bench", "--shards", shards, "--device", "cpu", "--dtype", dtype,
+          "--batch-size", batch, "--threads", threads, "--warmup", warmup, "--iters", iters, "--json", out])
     return json.loads(out.read_text())
 
 
